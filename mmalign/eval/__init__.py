@@ -1,0 +1,1 @@
+"""Gold/proxy/diversity evaluation, reward-model accuracy and reports."""

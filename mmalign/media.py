@@ -1,0 +1,261 @@
+"""MediaBatch: the one container every reward and trainer passes images and videos in.
+
+Images are ``(B, C, H, W)`` and videos ``(B, T, C, H, W)``, float in [0, 1], channels first, with one prompt
+and one metadata dict per sample. Validation happens once, at construction, so that rewards can trust what
+they receive and a bad input fails where it enters rather than deep inside a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+__all__ = ["MediaBatch", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+_CHANNELS = (1, 3)
+
+
+@dataclass(frozen=True)
+class MediaBatch:
+    """A validated batch of images or videos with their prompts.
+
+    Attributes:
+        pixels: ``(B, C, H, W)`` images or ``(B, T, C, H, W)`` videos; floating point, values in [0, 1].
+        prompts: one prompt per sample.
+        metadata: one dict per sample (e.g. the structured scene of a prompt, a file name, a group id).
+    """
+
+    pixels: torch.Tensor
+    prompts: list[str]
+    metadata: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        pixels, prompts = self.pixels, self.prompts
+        if not isinstance(pixels, torch.Tensor):
+            raise TypeError(f"pixels: expected a torch.Tensor, got {type(pixels).__name__}")
+        if pixels.ndim not in (4, 5):
+            raise ValueError(
+                f"pixels: expected rank 4 (B,C,H,W) images or rank 5 (B,T,C,H,W) videos, "
+                f"got rank {pixels.ndim} with shape {tuple(pixels.shape)}"
+            )
+        if pixels.shape[0] == 0:
+            raise ValueError("pixels: expected a non-empty batch, got batch size 0")
+        channels = pixels.shape[-3]
+        if channels not in _CHANNELS:
+            raise ValueError(
+                f"pixels: expected 1 or 3 channels at dim {pixels.ndim - 3} (channels first), "
+                f"got {channels} in shape {tuple(pixels.shape)}"
+            )
+        if not pixels.is_floating_point():
+            raise TypeError(
+                f"pixels: expected a floating-point tensor in [0, 1], got dtype {pixels.dtype}; "
+                "use MediaBatch.from_uint8 for 0-255 images"
+            )
+        with torch.no_grad():
+            finite = torch.isfinite(pixels)
+            if not bool(finite.all()):
+                bad = int((~finite).sum())
+                raise ValueError(f"pixels: expected finite values, got {bad} NaN/Inf entries")
+            lo, hi = float(pixels.min()), float(pixels.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"pixels: expected values in [0, 1], got range [{lo:.4g}, {hi:.4g}]")
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError(f"prompts: expected a list of strings, got {type(prompts).__name__}")
+        if len(prompts) != pixels.shape[0]:
+            raise ValueError(
+                f"prompts: expected one prompt per sample ({pixels.shape[0]}), got {len(prompts)}"
+            )
+        bad_prompts = [i for i, p in enumerate(prompts) if not isinstance(p, str)]
+        if bad_prompts:
+            raise TypeError(f"prompts: expected strings, got non-strings at indices {bad_prompts[:5]}")
+        metadata = list(self.metadata) if self.metadata else [{} for _ in prompts]
+        if len(metadata) != len(prompts):
+            raise ValueError(f"metadata: expected one dict per sample ({len(prompts)}), got {len(metadata)}")
+        if not all(isinstance(m, Mapping) for m in metadata):
+            raise TypeError("metadata: expected a dict per sample")
+        object.__setattr__(self, "prompts", list(prompts))
+        object.__setattr__(self, "metadata", [dict(m) for m in metadata])
+
+    # ----------------------------------------------------------------------------------------- properties
+    @property
+    def is_video(self) -> bool:
+        return self.pixels.ndim == 5
+
+    @property
+    def batch_size(self) -> int:
+        return self.pixels.shape[0]
+
+    def __len__(self) -> int:
+        return self.batch_size
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MediaBatch:
+        """The same batch with its pixels moved or cast (gradients flow through the move)."""
+        return MediaBatch(self.pixels.to(device=device, dtype=dtype), self.prompts, self.metadata)
+
+    def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> MediaBatch:
+        """Select samples; always returns a batch (an int selects a batch of one)."""
+        if isinstance(index, int):
+            index = [index]
+        if isinstance(index, slice):
+            ids = list(range(self.batch_size))[index]
+        else:
+            ids = [int(i) for i in (index.tolist() if isinstance(index, torch.Tensor) else index)]
+        return MediaBatch(self.pixels[ids], [self.prompts[i] for i in ids], [self.metadata[i] for i in ids])
+
+    @staticmethod
+    def concat(batches: Sequence[MediaBatch]) -> MediaBatch:
+        """Concatenate batches of the same media kind and size."""
+        if not batches:
+            raise ValueError("batches: expected at least one MediaBatch, got none")
+        shapes = {tuple(b.pixels.shape[1:]) for b in batches}
+        if len(shapes) > 1:
+            raise ValueError(f"batches: expected the same per-sample shape, got {sorted(shapes)}")
+        return MediaBatch(
+            torch.cat([b.pixels for b in batches]),
+            [p for b in batches for p in b.prompts],
+            [m for b in batches for m in b.metadata],
+        )
+
+    # ------------------------------------------------------------------------------------------ exporting
+    def to_pil(self) -> list[Image.Image]:
+        """The images as PIL (videos: the first frame of each); for grids, demos and files."""
+        frames = self.pixels[:, 0] if self.is_video else self.pixels
+        arr = (frames.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+        arr = arr.permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+    # ------------------------------------------------------------------------------------- constructors
+    @classmethod
+    def from_uint8(
+        cls, pixels: torch.Tensor, prompts: Sequence[str], metadata: Sequence[dict] | None = None
+    ) -> MediaBatch:
+        """From a uint8 tensor ``(B,C,H,W)`` / ``(B,T,C,H,W)`` with values 0-255."""
+        if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
+            got = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
+            raise TypeError(f"pixels: expected a uint8 torch.Tensor, got {got}")
+        return cls(pixels.float() / 255.0, list(prompts), list(metadata or []))
+
+    @classmethod
+    def from_numpy(
+        cls,
+        arrays: np.ndarray | Sequence[np.ndarray],
+        prompts: Sequence[str],
+        metadata: Sequence[dict] | None = None,
+        channels_last: bool = True,
+    ) -> MediaBatch:
+        """From numpy ``(B,H,W,C)`` (or ``(B,C,H,W)`` with ``channels_last=False``) or a list of ``(H,W,C)``.
+
+        uint8 arrays are scaled from 0-255; floating arrays must already be in [0, 1].
+        """
+        if not isinstance(arrays, np.ndarray):
+            arrays = _stack_same_size([np.asarray(a) for a in arrays], "arrays")
+        if arrays.ndim == 3:  # (B,H,W) grayscale
+            arrays = arrays[..., None] if channels_last else arrays[:, None]
+        if arrays.ndim not in (4, 5):
+            raise ValueError(
+                f"arrays: expected (B,H,W,C) images or (B,T,H,W,C) videos, got shape {arrays.shape}"
+            )
+        tensor = torch.from_numpy(np.ascontiguousarray(arrays))
+        if channels_last:
+            tensor = tensor.movedim(-1, -3)
+        if tensor.dtype == torch.uint8:
+            return cls.from_uint8(tensor.contiguous(), prompts, metadata)
+        if not tensor.is_floating_point():
+            raise TypeError(f"arrays: expected uint8 or floating-point values, got {arrays.dtype}")
+        return cls(tensor.float().contiguous(), list(prompts), list(metadata or []))
+
+    @classmethod
+    def from_pil(
+        cls, images: Iterable[Image.Image], prompts: Sequence[str], metadata: Sequence[dict] | None = None
+    ) -> MediaBatch:
+        """From PIL images of one size (converted to RGB)."""
+        images = list(images)
+        if not images:
+            raise ValueError("images: expected at least one PIL image, got none")
+        not_pil = [i for i, im in enumerate(images) if not isinstance(im, Image.Image)]
+        if not_pil:
+            raise TypeError(f"images: expected PIL images, got other types at indices {not_pil[:5]}")
+        arrays = [np.asarray(im.convert("RGB")) for im in images]
+        return cls.from_numpy(_stack_same_size(arrays, "images"), prompts, metadata)
+
+    @classmethod
+    def from_folder(
+        cls,
+        folder: str | Path,
+        prompts: str | Path | Sequence[str] | None = None,
+        size: int | None = None,
+    ) -> MediaBatch:
+        """Images of a folder, sorted by file name, with their prompts.
+
+        ``prompts`` is a list, a file, or None to look for ``prompts.jsonl`` / ``prompts.txt`` in the folder.
+        A ``.txt`` file holds one prompt per line in file-name order; a ``.jsonl`` file holds objects with
+        ``file`` and ``prompt`` (other keys become metadata). ``size`` resizes every image to a square.
+        """
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ValueError(f"folder: expected a directory of images, got {str(folder)!r}")
+        files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise ValueError(f"folder: expected images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}, found none")
+        texts, metadata = _read_prompts(folder, files, prompts)
+        images = []
+        for path in files:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                images.append(im.resize((size, size), Image.BICUBIC) if size else im.copy())
+        for path, meta in zip(files, metadata):
+            meta.setdefault("file", path.name)
+        return cls.from_pil(images, texts, metadata)
+
+
+def _stack_same_size(arrays: list[np.ndarray], name: str) -> np.ndarray:
+    sizes = sorted({a.shape for a in arrays})
+    if len(sizes) > 1:
+        raise ValueError(f"{name}: expected all samples to have one size, got mixed sizes {sizes[:4]}")
+    return np.stack(arrays)
+
+
+def _read_prompts(
+    folder: Path, files: list[Path], prompts: str | Path | Sequence[str] | None
+) -> tuple[list[str], list[dict]]:
+    if prompts is None:
+        candidates = [folder / "prompts.jsonl", folder / "prompts.txt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ValueError(
+                f"prompts: none given and neither prompts.jsonl nor prompts.txt exists in {str(folder)!r}"
+            )
+        prompts = found
+    if isinstance(prompts, (str, Path)):
+        path = Path(prompts)
+        if not path.is_file():
+            raise ValueError(f"prompts: expected a .txt or .jsonl file, got {str(path)!r} which does not exist")
+        if path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            by_file = {}
+            for i, row in enumerate(rows):
+                if "file" not in row or "prompt" not in row:
+                    raise ValueError(f"prompts: line {i + 1} of {path.name} needs 'file' and 'prompt' keys")
+                by_file[row["file"]] = row
+            missing = [f.name for f in files if f.name not in by_file]
+            if missing:
+                raise ValueError(f"prompts: {path.name} has no prompt for {missing[:5]}")
+            metadata = [{k: v for k, v in by_file[f.name].items() if k != "prompt"} for f in files]
+            return [by_file[f.name]["prompt"] for f in files], metadata
+        prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    texts = list(prompts)
+    if len(texts) != len(files):
+        raise ValueError(f"prompts: expected one prompt per image ({len(files)}), got {len(texts)}")
+    return texts, [{} for _ in files]

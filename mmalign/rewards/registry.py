@@ -1,0 +1,116 @@
+"""Reward names → classes, so recipes can say ``reward: {name: clip, ...}``.
+
+The table holds import paths, not classes: nothing heavy is imported until a reward is built, and nothing is
+registered as a side effect of importing a module. Third-party packages add rewards through the entry-point
+group ``mmalign.rewards`` (``name = "package.module:RewardClass"``); a session can add one with ``register``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Mapping, Sequence
+from importlib.metadata import entry_points
+from typing import Any
+
+from mmalign.rewards.base import Reward
+
+__all__ = ["ENTRY_POINT_GROUP", "available", "build", "register", "resolve"]
+
+ENTRY_POINT_GROUP = "mmalign.rewards"
+
+_BUILTIN: dict[str, str] = {
+    "jpeg_compressibility": "mmalign.rewards.jpeg:JpegCompressibility",
+    "jpeg_incompressibility": "mmalign.rewards.jpeg:JpegIncompressibility",
+    "clip": "mmalign.rewards.clip:CLIPScore",
+}
+_SESSION: dict[str, str | type] = {}
+
+RewardSpec = str | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def register(name: str, target: str | type) -> None:
+    """Make a reward buildable by name in this process (``target``: a class or ``"module:Class"``)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"name: expected a non-empty string, got {name!r}")
+    _SESSION[name] = target
+
+
+def _table() -> dict[str, str | type]:
+    table: dict[str, str | type] = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    table.update(_BUILTIN)  # built-ins cannot be shadowed by a plug-in by accident
+    table.update(_SESSION)  # but a deliberate register() can
+    return table
+
+
+def available() -> dict[str, str]:
+    """Every reward name that ``build`` accepts, with a one-line description taken from its docstring."""
+    out = {}
+    for name in sorted(_table()):
+        try:
+            doc = inspect.getdoc(resolve(name)) or ""
+        except (ImportError, AttributeError) as err:  # a broken plug-in must not hide the others
+            doc = f"(cannot be imported: {err})"
+        out[name] = doc.strip().splitlines()[0] if doc.strip() else ""
+    return out
+
+
+def resolve(name: str) -> type:
+    """The reward class registered under ``name``."""
+    table = _table()
+    if name not in table:
+        close = difflib.get_close_matches(name, table, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ValueError(f"reward name: unknown reward {name!r}{hint} Available: {', '.join(sorted(table))}")
+    target = table[name]
+    if isinstance(target, str):
+        module, _, attr = target.partition(":")
+        target = getattr(importlib.import_module(module), attr)
+    return target
+
+
+def build(spec: RewardSpec) -> Reward:
+    """Build a reward from a name, a dict ``{"name": ..., **kwargs}``, or a list of dicts.
+
+    A list becomes a ``WeightedSum`` whose members take their ``weight`` key (default 1.0); a single dict with
+    a ``weight`` other than 1 becomes a one-member sum, so the weight is never silently dropped.
+    """
+    from mmalign.rewards.composite import WeightedSum
+
+    if isinstance(spec, str):
+        spec = {"name": spec}
+    if isinstance(spec, Mapping):
+        kwargs = dict(spec)
+        weight = float(kwargs.pop("weight", 1.0))
+        reward = _build_one(kwargs)
+        return reward if weight == 1.0 else WeightedSum([reward], [weight])
+    if isinstance(spec, Sequence) and spec:
+        members, weights = [], []
+        for item in spec:
+            item = {"name": item} if isinstance(item, str) else dict(item)
+            weights.append(float(item.pop("weight", 1.0)))
+            members.append(_build_one(item))
+        return WeightedSum(members, weights)
+    raise TypeError(f"spec: expected a reward name, a dict with 'name', or a non-empty list of them, got {spec!r}")
+
+
+def _build_one(kwargs: dict[str, Any]) -> Reward:
+    if "name" not in kwargs:
+        raise ValueError(f"reward spec: expected a 'name' key, got keys {sorted(kwargs)}")
+    name = kwargs.pop("name")
+    cls = resolve(name)
+    params = inspect.signature(cls).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    unknown = [k for k in kwargs if k not in params and not accepts_any]
+    if unknown:
+        valid = [p for p in params if params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(f"reward {name!r}: unknown option {', '.join(hints)}; accepted: {', '.join(valid)}")
+    reward = cls(**kwargs)
+    if not isinstance(reward, Reward):
+        raise TypeError(f"reward {name!r}: {cls.__name__} is not an mmalign.rewards.Reward")
+    return reward

@@ -1,0 +1,1 @@
+"""Rollouts and alignment algorithms (PRDP, DDPO/GRPO, ReNO, D²-Align, VLM GRPO)."""

@@ -1,0 +1,204 @@
+"""Typed recipes: YAML files validated by pydantic models, with ``key=value`` overrides.
+
+A recipe names its ``task``; the task picks the schema (``TASKS``). Every problem in a recipe is reported in
+one message, and an unknown key comes with the nearest valid name. String values in a recipe file may use
+``${recipe_dir}``, the folder of that file, so shipped recipes can point at shipped data wherever the package
+is installed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+__all__ = [
+    "TASKS",
+    "Recipe",
+    "RecipeError",
+    "StrictModel",
+    "apply_overrides",
+    "find_recipe",
+    "list_recipes",
+    "load_recipe",
+    "validate_recipe",
+    "parse_overrides",
+    "recipes_dir",
+]
+
+#: task name → "module:Schema"; imported only when a recipe of that task is loaded.
+TASKS: dict[str, str] = {
+    "score": "mmalign.eval.scoring:ScoreRecipe",
+}
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be used; the message lists every problem found."""
+
+
+class StrictModel(BaseModel):
+    """Base of recipe sections: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Recipe(StrictModel):
+    """Fields every recipe has."""
+
+    task: str
+    description: str = ""
+
+
+def recipes_dir() -> Path:
+    """The shipped recipes: ``configs/`` in a source checkout, ``mmalign/_data/configs`` in a wheel."""
+    package = Path(__file__).resolve().parent
+    installed = package / "_data" / "configs"
+    return installed if installed.is_dir() else package.parent / "configs"
+
+
+def list_recipes() -> dict[str, str]:
+    """Shipped recipe names (file stems, recursively) with their one-line descriptions."""
+    out = {}
+    for path in sorted(recipes_dir().rglob("*.yaml")):
+        data = yaml.safe_load(path.read_text()) or {}
+        if isinstance(data, Mapping) and "task" in data:  # accelerate configs etc. live there too
+            out[path.stem] = str(data.get("description", "")).strip().splitlines()[0] if data.get("description") else ""
+    return out
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file from a path or a shipped recipe's name."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return path
+    shipped = {p.stem: p for p in recipes_dir().rglob("*.yaml")}
+    if str(name_or_path) in shipped:
+        return shipped[str(name_or_path)]
+    close = difflib.get_close_matches(str(name_or_path), list(list_recipes()), n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise RecipeError(
+        f"recipe: {str(name_or_path)!r} is neither a YAML file nor a shipped recipe{hint} "
+        f"(`mmalign recipes` lists them)"
+    )
+
+
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[x, y]"]`` → ``{"a": {"b": 1}, "c": ["x", "y"]}``; values are parsed as YAML."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override: expected key=value (e.g. batch_size=8), got {item!r}")
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"override: {key!r} sets inside a key that another override gives a value")
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+    return out
+
+
+def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> Any:
+    """Merge nested overrides into recipe data; a numeric key indexes a list (``rewards.0.weight=2``)."""
+    if not overrides:
+        return data
+    if isinstance(data, list):
+        data = list(data)
+        for key, value in overrides.items():
+            if not str(key).isdigit() or int(key) >= len(data):
+                raise RecipeError(f"override: index {key!r} is not valid for a list of {len(data)} items")
+            index = int(key)
+            data[index] = apply_overrides(data[index], value) if isinstance(value, Mapping) else value
+        return data
+    data = dict(data) if isinstance(data, Mapping) else {}
+    for key, value in overrides.items():
+        current = data.get(key)
+        data[key] = apply_overrides(current, value) if isinstance(value, Mapping) and current is not None else value
+    return data
+
+
+def load_recipe(
+    name_or_path: str | Path, overrides: Iterable[str] | Mapping[str, Any] = (), schema: type[Recipe] | None = None
+) -> Recipe:
+    """Load, override and validate a recipe; ``schema`` defaults to the one its ``task`` names."""
+    path = find_recipe(name_or_path)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe {path}: not valid YAML: {err}") from err
+    if not isinstance(data, Mapping):
+        raise RecipeError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
+    data = _substitute(data, "${recipe_dir}", str(path.resolve().parent))
+    overrides = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    return validate_recipe(apply_overrides(data, overrides), schema, source=str(path))
+
+
+def validate_recipe(data: Mapping[str, Any], schema: type[Recipe] | None = None, source: str = "recipe") -> Recipe:
+    """Validate recipe data against ``schema`` (or the schema of its ``task``), reporting every error."""
+    if schema is None:
+        task = data.get("task")
+        if task not in TASKS:
+            close = difflib.get_close_matches(str(task), list(TASKS), n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(f"{source}: task: expected one of {sorted(TASKS)}, got {task!r}{hint}")
+        module, _, attr = TASKS[task].partition(":")
+        schema = getattr(importlib.import_module(module), attr)
+    try:
+        return schema.model_validate(dict(data))
+    except ValidationError as err:
+        lines = [_describe(schema, e) for e in err.errors()]
+        raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(f"  - {x}" for x in lines)) from None
+
+
+def _describe(schema: type[BaseModel], error: Mapping[str, Any]) -> str:
+    loc = [str(p) for p in error["loc"]]
+    where = ".".join(loc) or "(top level)"
+    if error["type"] == "extra_forbidden":
+        valid = _field_names_at(schema, error["loc"][:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{where}: unknown key; {hint}"
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"
+
+
+def _field_names_at(schema: Any, loc: tuple) -> list[str]:
+    """Field names of the model found by walking ``loc`` from ``schema`` (list indices are skipped)."""
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field = schema.model_fields.get(part) if _is_model(schema) else None
+        if field is None:
+            return []
+        schema = _model_in(field.annotation)
+    return list(schema.model_fields) if _is_model(schema) else []
+
+
+def _model_in(annotation: Any) -> Any:
+    if _is_model(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _is_model(obj: Any) -> bool:
+    return isinstance(obj, type) and issubclass(obj, BaseModel)
+
+
+def _substitute(data: Any, token: str, value: str) -> Any:
+    if isinstance(data, str):
+        return data.replace(token, value)
+    if isinstance(data, Mapping):
+        return {k: _substitute(v, token, value) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute(v, token, value) for v in data]
+    return data

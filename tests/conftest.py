@@ -1,0 +1,45 @@
+"""Shared test fixtures: offline hub, seeding, tiny models built in code."""
+
+from __future__ import annotations
+
+import json
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip_dir(tmp_path_factory):
+    """A random tiny OpenCLIP model saved in the published folder layout (config JSON + safetensors)."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    folder = tmp_path_factory.mktemp("tiny_open_clip")
+    torch.manual_seed(1234)
+    model = CLIP(**TINY_OPEN_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what="value"):
+    """torch.testing.assert_close with the name of what is compared in the message."""
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")

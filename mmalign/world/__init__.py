@@ -1,0 +1,45 @@
+"""The shapes world: procedural scenes with captions, anti-aliased renders and a gold verifier.
+
+Everything runs on a CPU in seconds and truth is known, so it is the default world of tests, demos and
+tutorials (see docs/world.md).
+"""
+
+from mmalign.world.captions import Prompt, caption, prompt_set, read_prompts, vocabulary, write_prompts
+from mmalign.world.render import render, render_batch
+from mmalign.world.scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    HELDOUT_PAIRS,
+    POSITIONS,
+    RELATIONS,
+    SHAPES,
+    SIZES,
+    SPLITS,
+    Scene,
+    SceneObject,
+    layout,
+    sample_scenes,
+)
+
+__all__ = [
+    "BACKGROUNDS",
+    "COLOURS",
+    "HELDOUT_PAIRS",
+    "POSITIONS",
+    "Prompt",
+    "RELATIONS",
+    "SHAPES",
+    "SIZES",
+    "SPLITS",
+    "Scene",
+    "SceneObject",
+    "caption",
+    "layout",
+    "prompt_set",
+    "read_prompts",
+    "render",
+    "render_batch",
+    "sample_scenes",
+    "vocabulary",
+    "write_prompts",
+]

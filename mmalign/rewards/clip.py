@@ -76,6 +76,7 @@ class CLIPScore(Reward):
         from open_clip import get_model_preprocess_cfg
 
         self.dtype = resolve_dtype(dtype)
+        self._work_dtype = torch.promote_types(self.dtype, torch.float32)  # cosines never in half precision
         self.model, self.tokenizer = load_open_clip(model, pretrained, device)
         self.model.to(dtype=self.dtype)
         if gradient_checkpointing:
@@ -99,7 +100,7 @@ class CLIPScore(Reward):
         if missing:
             with torch.no_grad():
                 tokens = self.tokenizer(missing).to(self.device)
-                embeddings = F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+                embeddings = F.normalize(self.model.encode_text(tokens).to(self._work_dtype), dim=-1)
             for prompt, embedding in zip(missing, embeddings):
                 self._text_cache[prompt] = embedding
         for prompt in prompts:
@@ -114,7 +115,7 @@ class CLIPScore(Reward):
         inputs = to_model_input(
             pixels.to(self.device), self.image_size, self.mean, self.std, self.interpolation, self.dtype
         )
-        return F.normalize(self.model.encode_image(inputs).float(), dim=-1)
+        return F.normalize(self.model.encode_image(inputs).to(self._work_dtype), dim=-1)
 
     def forward(self, batch: MediaBatch) -> RewardOutput:
         frames = batch.pixels.flatten(0, 1) if batch.is_video else batch.pixels
@@ -122,7 +123,7 @@ class CLIPScore(Reward):
         image = self.encode_image(frames).view(len(batch), per_sample, -1)
         text = self.encode_text(batch.prompts).to(image.device)
         cosine = (image * text[:, None]).sum(-1).mean(1)
-        scores = self.scale * cosine
+        scores = self.scale * cosine.float()
         if self.clamp:
             scores = scores.clamp_min(0.0)
-        return RewardOutput(scores, {"cosine": cosine})
+        return RewardOutput(scores, {"cosine": cosine.float()})

@@ -26,15 +26,16 @@ def resize_center_crop(pixels: torch.Tensor, size: int | tuple[int, int], interp
     out_h, out_w = (size, size) if isinstance(size, int) else size
     h, w = pixels.shape[-2:]
     if (h, w) != (out_h, out_w):
+        # torchvision's rule (what open_clip's transforms use): the longer side is truncated, not rounded
         scale = max(out_h / h, out_w / w)
-        new_h, new_w = max(out_h, round(h * scale)), max(out_w, round(w * scale))
+        new_h, new_w = max(out_h, int(h * scale)), max(out_w, int(w * scale))
         if (new_h, new_w) != (h, w):
             mode = _MODES[interpolation]
             pixels = F.interpolate(
                 pixels, size=(new_h, new_w), mode=mode, antialias=mode != "nearest",
                 **({} if mode == "nearest" else {"align_corners": False}),
             )
-        top, left = (pixels.shape[-2] - out_h) // 2, (pixels.shape[-1] - out_w) // 2
+        top, left = round((pixels.shape[-2] - out_h) / 2), round((pixels.shape[-1] - out_w) / 2)
         pixels = pixels[..., top : top + out_h, left : left + out_w]
     return pixels
 

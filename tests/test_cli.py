@@ -1,0 +1,65 @@
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmalign.cli import main
+from mmalign.config import recipes_dir
+
+EXAMPLES = recipes_dir().parent / "examples" / "shapes"
+
+
+def test_help_of_the_installed_command():
+    exe = Path(sys.executable).parent / "mmalign"
+    command = [str(exe)] if exe.exists() else [sys.executable, "-m", "mmalign"]
+    out = subprocess.run([*command, "--help"], capture_output=True, text=True, check=True).stdout
+    assert "recipes" in out and "score" in out
+
+
+def test_recipes_lists_shipped(capsys):
+    assert main(["recipes"]) == 0
+    assert "score-example" in capsys.readouterr().out
+
+
+def test_score_recipe_with_override_writes_csv(tmp_path, capsys):
+    out = tmp_path / "scores.csv"
+    assert main(["score", "score-example", f"out={out}", "batch_size=3", "--quiet"]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 8 and rows[0]["file"] == "00_red_circle.png"
+    assert float(rows[0]["jpeg_compressibility"]) == -float(rows[0]["jpeg_incompressibility"])
+    printed = capsys.readouterr().out
+    assert "jpeg_compressibility" in printed and "wrote 8 rows" in printed
+
+
+def test_score_flags_write_json(tmp_path):
+    out = tmp_path / "scores.json"
+    code = main(
+        ["score", "--images", str(EXAMPLES), "--reward", '{"name": "jpeg_compressibility", "quality": 50}',
+         "--out", str(out), "--quiet"]
+    )
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert len(data["rows"]) == 8 and data["summary"]["jpeg_compressibility"]["non_finite"] == 0
+    mean = sum(r["jpeg_compressibility"] for r in data["rows"]) / 8
+    assert data["summary"]["jpeg_compressibility"]["mean"] == pytest.approx(mean, rel=1e-5)
+
+
+def test_score_clip_on_a_local_model(tmp_path, tiny_open_clip_dir):
+    out = tmp_path / "clip.csv"
+    spec = json.dumps({"name": "clip", "model": str(tiny_open_clip_dir)})
+    assert main(["score", "--images", str(EXAMPLES), "--reward", spec, "--out", str(out), "--quiet"]) == 0
+    assert "clip/cosine" in out.read_text().splitlines()[0]
+
+
+def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    assert main(["score", "score-example", "batch_sise=3"]) == 2
+    assert "did you mean 'batch_size'" in capsys.readouterr().err
+    assert main(["score", "--images", str(tmp_path), "--reward", "jpeg_compressibility", "--quiet"]) == 2
+    assert "found none" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--reward: expected a reward name or a JSON object"):
+        main(["score", "--images", str(EXAMPLES), "--reward", "{bad json"])
+    with pytest.raises(SystemExit):
+        main([])

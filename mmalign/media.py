@@ -31,11 +31,14 @@ class MediaBatch:
         pixels: ``(B, C, H, W)`` images or ``(B, T, C, H, W)`` videos; floating point, values in [0, 1].
         prompts: one prompt per sample.
         metadata: one dict per sample (e.g. the structured scene of a prompt, a file name, a group id).
+        completions: for vision-language models, the generated text per sample (what rule rewards and VLM
+            GRPO score); None for generators, whose output is the pixels.
     """
 
     pixels: torch.Tensor
     prompts: list[str]
     metadata: list[dict[str, Any]] = field(default_factory=list)
+    completions: list[str] | None = None
 
     def __post_init__(self) -> None:
         pixels, prompts = self.pixels, self.prompts
@@ -81,6 +84,13 @@ class MediaBatch:
             raise ValueError(f"metadata: expected one dict per sample ({len(prompts)}), got {len(metadata)}")
         if not all(isinstance(m, Mapping) for m in metadata):
             raise TypeError("metadata: expected a dict per sample")
+        if self.completions is not None:
+            if isinstance(self.completions, str) or len(self.completions) != len(prompts):
+                got = "a string" if isinstance(self.completions, str) else str(len(self.completions))
+                raise ValueError(f"completions: expected one string per sample ({len(prompts)}), got {got}")
+            if not all(isinstance(c, str) for c in self.completions):
+                raise TypeError("completions: expected strings")
+            object.__setattr__(self, "completions", list(self.completions))
         object.__setattr__(self, "prompts", list(prompts))
         object.__setattr__(self, "metadata", [dict(m) for m in metadata])
 
@@ -102,7 +112,7 @@ class MediaBatch:
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> MediaBatch:
         """The same batch with its pixels moved or cast (gradients flow through the move)."""
-        return MediaBatch(self.pixels.to(device=device, dtype=dtype), self.prompts, self.metadata)
+        return MediaBatch(self.pixels.to(device=device, dtype=dtype), self.prompts, self.metadata, self.completions)
 
     def __getitem__(self, index: int | slice | Sequence[int] | torch.Tensor) -> MediaBatch:
         """Select samples; always returns a batch (an int selects a batch of one)."""
@@ -112,7 +122,10 @@ class MediaBatch:
             ids = list(range(self.batch_size))[index]
         else:
             ids = [int(i) for i in (index.tolist() if isinstance(index, torch.Tensor) else index)]
-        return MediaBatch(self.pixels[ids], [self.prompts[i] for i in ids], [self.metadata[i] for i in ids])
+        completions = None if self.completions is None else [self.completions[i] for i in ids]
+        return MediaBatch(
+            self.pixels[ids], [self.prompts[i] for i in ids], [self.metadata[i] for i in ids], completions
+        )
 
     @staticmethod
     def concat(batches: Sequence[MediaBatch]) -> MediaBatch:
@@ -122,10 +135,14 @@ class MediaBatch:
         shapes = {tuple(b.pixels.shape[1:]) for b in batches}
         if len(shapes) > 1:
             raise ValueError(f"batches: expected the same per-sample shape, got {sorted(shapes)}")
+        with_text = {b.completions is not None for b in batches}
+        if len(with_text) > 1:
+            raise ValueError("batches: expected all or none of the batches to have completions")
         return MediaBatch(
             torch.cat([b.pixels for b in batches]),
             [p for b in batches for p in b.prompts],
             [m for b in batches for m in b.metadata],
+            [c for b in batches for c in b.completions] if with_text == {True} else None,
         )
 
     # ------------------------------------------------------------------------------------------ exporting

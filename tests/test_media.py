@@ -160,3 +160,18 @@ def test_indexing_concat_to():
     with pytest.raises(ValueError, match="at least one"):
         MediaBatch.concat([])
     assert batch.to(dtype=torch.float64).pixels.dtype == torch.float64
+
+
+def test_completions():
+    batch = MediaBatch(images(3), prompts(3), completions=["<answer>red</answer>", "", "x"])
+    assert batch[[2, 0]].completions == ["x", "<answer>red</answer>"]
+    assert MediaBatch.concat([batch, batch]).completions[3] == "<answer>red</answer>"
+    assert batch.to(dtype=torch.float64).completions == batch.completions
+    with pytest.raises(ValueError, match=r"completions: expected one string per sample \(3\), got 2"):
+        MediaBatch(images(3), prompts(3), completions=["a", "b"])
+    with pytest.raises(ValueError, match="got a string"):
+        MediaBatch(images(3), prompts(3), completions="abc")
+    with pytest.raises(TypeError, match="completions: expected strings"):
+        MediaBatch(images(3), prompts(3), completions=["a", None, "c"])
+    with pytest.raises(ValueError, match="all or none"):
+        MediaBatch.concat([batch, MediaBatch(images(1), ["p"])])

@@ -4,7 +4,7 @@
 Importing this package never imports Triton: the kernel module loads on the first call that needs it.
 """
 
-from mmalign.kernels.attention import BACKENDS, Backend, attention, available_backends, resolve_backend
+from mmalign.kernels.dispatch import BACKENDS, Backend, attention, available_backends, resolve_backend
 from mmalign.kernels.install import InstallReport, install
 from mmalign.kernels.processors import AttentionProcessor, FluxAttentionProcessor, JointAttentionProcessor
 

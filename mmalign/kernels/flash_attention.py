@@ -9,8 +9,9 @@ the next power of two with masked loads. With ``causal=True`` and N_q != N_k the
 bottom-right corner, as in FlashAttention-2: query i sees key j when j <= i + N_k - N_q, so the last query sees
 every key. Query rows that see no key at all (only possible when N_q > N_k) output zeros.
 
-This module imports Triton at the top; import it through ``mmalign.kernels.attention``, which guards the import.
-Set ``TRITON_INTERPRET=1`` before the first import to run the kernels on CPU tensors (tests do).
+This module imports Triton at the top; call the kernel through ``mmalign.kernels.attention``, which imports this
+module only when Triton is available. Set ``TRITON_INTERPRET=1`` before the first import to run the kernels on
+CPU tensors (tests do).
 """
 
 from __future__ import annotations

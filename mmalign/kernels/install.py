@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from mmalign.kernels.attention import BACKENDS, Backend, attention
+from mmalign.kernels.dispatch import BACKENDS, Backend, attention
 from mmalign.kernels.processors import AttentionProcessor, FluxAttentionProcessor, JointAttentionProcessor
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from mmalign.kernels.attention import Backend, attention
+from mmalign.kernels.dispatch import Backend, attention
 
 
 def _attend(

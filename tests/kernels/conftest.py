@@ -15,7 +15,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from mmalign.kernels.attention import _flash_module  # noqa: E402
+from mmalign.kernels.dispatch import _flash_module  # noqa: E402
 
 
 @pytest.fixture(scope="session")

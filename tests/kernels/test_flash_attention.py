@@ -10,6 +10,7 @@ into several blocks with ragged tails.
 import pytest
 import torch
 import torch.nn.functional as F
+from attention_reference import reference_attention, visible
 
 FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
@@ -28,21 +29,8 @@ DTYPES = [
 ]
 
 
-def visible(n_q: int, n_k: int) -> torch.Tensor:
-    """Bottom-right causal mask: query i sees key j when j <= i + n_k - n_q."""
-    return torch.ones(n_q, n_k, dtype=torch.bool).tril(n_k - n_q)
-
-
-def reference_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    """Plain softmax attention; rows that see no key are zero, as the kernel defines them."""
-    scores = q @ k.transpose(-1, -2) * scale
-    if causal:
-        scores = scores.masked_fill(~visible(q.shape[2], k.shape[2]).to(q.device), float("-inf"))
-    return torch.softmax(scores, dim=-1).nan_to_num(0.0) @ v
-
-
 def pytorch_attention(q, k, v, causal: bool, scale: float) -> torch.Tensor:
-    mask = visible(q.shape[2], k.shape[2]).to(q.device) if causal else None
+    mask = visible(q.shape[2], k.shape[2], q.device) if causal else None
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 

@@ -107,6 +107,15 @@ class MediaBatch:
         return self.batch_size
 
     @property
+    def frames_per_sample(self) -> int:
+        return self.pixels.shape[1] if self.is_video else 1
+
+    def flat_frames(self) -> torch.Tensor:
+        """``(B·T, C, H, W)``: every frame as an image, for image models that score videos frame by frame;
+        reshape their ``(B·T,)`` outputs with ``.view(B, frames_per_sample)``."""
+        return self.pixels.flatten(0, 1) if self.is_video else self.pixels
+
+    @property
     def device(self) -> torch.device:
         return self.pixels.device
 

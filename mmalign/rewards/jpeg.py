@@ -18,14 +18,13 @@ __all__ = ["JpegCompressibility", "JpegIncompressibility", "jpeg_size_kb"]
 
 def jpeg_size_kb(batch: MediaBatch, quality: int = 95) -> torch.Tensor:
     """``(B,)`` JPEG file sizes in kB of the batch's images (videos: summed over frames)."""
-    frames = batch.pixels.flatten(0, 1) if batch.is_video else batch.pixels
-    per_frame = len(frames) // len(batch)
+    frames = batch.flat_frames()
     sizes = []
     for image in MediaBatch(frames, [""] * len(frames)).to_pil():
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=quality)
         sizes.append(buffer.tell() / 1000.0)
-    return torch.tensor(sizes, dtype=torch.float32).view(len(batch), per_frame).sum(1)
+    return torch.tensor(sizes, dtype=torch.float32).view(len(batch), batch.frames_per_sample).sum(1)
 
 
 class _JpegSize(Reward):

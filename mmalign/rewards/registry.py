@@ -24,6 +24,10 @@ _BUILTIN: dict[str, str] = {
     "jpeg_compressibility": "mmalign.rewards.jpeg:JpegCompressibility",
     "jpeg_incompressibility": "mmalign.rewards.jpeg:JpegIncompressibility",
     "clip": "mmalign.rewards.clip:CLIPScore",
+    "pickscore": "mmalign.rewards.pickscore:PickScore",
+    "hpsv2": "mmalign.rewards.hps:HPSv2",
+    "aesthetic": "mmalign.rewards.aesthetic:LaionAesthetic",
+    "goal_baseline": "mmalign.rewards.vlmrm:GoalBaselineReward",
 }
 _SESSION: dict[str, str | type] = {}
 

@@ -9,7 +9,8 @@ from PIL import Image
 
 from mmalign import MediaBatch
 from mmalign.rewards import build
-from mmalign.rewards.clip import CLIPScore, resolve_dtype
+from mmalign.rewards.backbones import resolve_dtype
+from mmalign.rewards.clip import CLIPScore
 from mmalign.rewards.preprocess import resize_center_crop
 
 PROMPTS = ["a red circle", "two blue squares on the left", "a green triangle above a yellow circle"]
@@ -57,11 +58,11 @@ def test_gradient_matches_finite_differences(tiny_open_clip_dir):
     reward(MediaBatch(pixels, PROMPTS[:2])).scores.sum().backward()
     direction = torch.randn_like(pixels)
     h = 1e-5
-    text = reward.encode_text(PROMPTS[:2])
+    text = reward.backbone.encode_text(PROMPTS[:2])
     assert text.dtype == torch.float64  # scores are float32 by contract; the float64 path is for checks
 
     def score(x):
-        return 100 * (reward.encode_image(x) * text).sum()
+        return 100 * (reward.backbone.encode_image(x) * text).sum()
 
     with torch.no_grad():
         numeric = (score(pixels + h * direction) - score(pixels - h * direction)) / (2 * h)
@@ -89,10 +90,12 @@ def test_video_is_mean_of_frames(tiny_open_clip_dir):
 
 
 def test_text_cache_is_bounded(tiny_open_clip_dir):
-    reward = CLIPScore(str(tiny_open_clip_dir), text_cache_size=2)
-    first = reward.encode_text(PROMPTS)
-    assert len(reward._text_cache) == 2
-    torch.testing.assert_close(reward.encode_text(PROMPTS), first)
+    from mmalign.rewards.backbones import OpenCLIPBackbone
+
+    backbone = OpenCLIPBackbone(str(tiny_open_clip_dir), text_cache_size=2)
+    first = backbone.encode_text(PROMPTS)
+    assert len(backbone._text_cache) == 2
+    torch.testing.assert_close(backbone.encode_text(PROMPTS), first)
 
 
 def test_resize_center_crop_matches_torchvision():

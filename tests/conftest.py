@@ -45,13 +45,13 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what="value"):
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def byte_level_vocab(words=()) -> dict[str, int]:
-    """A CLIP-style BPE vocabulary with every byte as a token (alone and word-final) plus whole ``words``:
-    any text tokenizes, and the listed words become single tokens."""
+def byte_level_vocab() -> dict[str, int]:
+    """A CLIP-style BPE vocabulary with every byte as a token, alone and word-final: with no merges, any
+    text tokenizes, one token per byte."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
-    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars), *(w + "</w>" for w in words)]
-    return {t: i for i, t in enumerate(dict.fromkeys(tokens))}
+    tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
+    return {t: i for i, t in enumerate(tokens)}
 
 
 @pytest.fixture(scope="session")
@@ -60,12 +60,12 @@ def tiny_hf_clip_dir(tmp_path_factory):
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
 
     folder = tmp_path_factory.mktemp("tiny_hf_clip")
-    vocab = byte_level_vocab(["a", "red", "blue", "green", "circle", "square", "triangle", "on", "the", "left"])
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    vocab = byte_level_vocab()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=64)  # no merges: one token per byte
     special = {"bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1}
     config = CLIPConfig(
         text_config=dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, max_position_embeddings=16, **special),
+                         num_attention_heads=2, max_position_embeddings=64, **special),
         vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64,
                            num_hidden_layers=2, num_attention_heads=2),
         projection_dim=16,

@@ -50,7 +50,9 @@ def _fwd_blocks(
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_mask = (offs_n < N_K)[:, None] & mask_d[None, :]
+        kv_mask = mask_d[None, :]
+        if MASKED:  # unmasked blocks lie wholly inside N_K
+            kv_mask = kv_mask & (offs_n < N_K)[:, None]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
@@ -78,11 +80,13 @@ def _attn_fwd_kernel(
     Q, K, V, OUT, LSE,
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
-    H, N_Q, N_K, HEAD_DIM, qk_scale, N_Q_BUCKET, N_K_BUCKET,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N_Q, N_K, qk_scale, N_Q_BUCKET, N_K_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # One program per (batch*head, query block); a 1-D grid lifts the 65535 limit on grid axes 1 and 2.
+    # One program per (batch*head, query block); a 1-D grid lifts the 65535 limit on grid axes 1 and 2, and
+    # neighbouring programs share K/V in L2. HEAD_DIM is a compile-time constant so that head-dim masks fold
+    # away (or stay vector-aligned) and loads vectorize.
     num_m = tl.cdiv(N_Q, BLOCK_M)
     pid = tl.program_id(0)
     pid_m = pid % num_m
@@ -139,7 +143,9 @@ def _dq_blocks(
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
-        kv_mask = (offs_n < N_K)[:, None] & mask_d[None, :]
+        kv_mask = mask_d[None, :]
+        if MASKED:  # unmasked blocks lie wholly inside N_K
+            kv_mask = kv_mask & (offs_n < N_K)[:, None]
         k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
@@ -160,8 +166,8 @@ def _attn_bwd_dq_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_on,
     stride_dob, stride_doh, stride_don, stride_dqb, stride_dqh, stride_dqn,
-    H, N_Q, N_K, HEAD_DIM, sm_scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N_Q, N_K, sm_scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     # Also computes delta = rowsum(dO * O) for its query block and stores it for the dK/dV kernel, which runs
@@ -243,8 +249,8 @@ def _attn_bwd_dkdv_kernel(
     stride_qb, stride_qh, stride_qn, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_don,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    H, N_Q, N_K, HEAD_DIM, sm_scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
-    CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    H, N_Q, N_K, sm_scale, qk_scale, N_Q_BUCKET, N_K_BUCKET,
+    HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     num_n = tl.cdiv(N_K, BLOCK_N)
@@ -305,7 +311,7 @@ _DQ_CONFIGS = [_config(*c) for c in [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 
 _DKDV_CONFIGS = [_config(*c) for c in [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3),
                                        (32, 32, 4, 2), (16, 16, 2, 2)]]
 _INTERPRETER_CONFIG = _config(32, 32, 4, 1)
-_TUNING_KEY = ["N_Q_BUCKET", "N_K_BUCKET", "BLOCK_D", "CAUSAL"]
+_TUNING_KEY = ["N_Q_BUCKET", "N_K_BUCKET", "HEAD_DIM", "CAUSAL"]
 
 
 def _prune_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:

@@ -130,25 +130,26 @@ def answer_matches(
 
     exact: equal after stripping; normalized: equal after ``normalize_text``; numeric: ``parse_number`` of
     both within ``tolerance`` (absolute); choice: the same option of ``choices`` (gold: a 0-based index, a
-    letter or the option's text).
+    letter or the option's text). Gold is checked whatever the answer, so a dataset bug surfaces at once.
     """
     golds = list(gold) if isinstance(gold, (list, tuple)) else [gold]
-    if answer is None:
-        return False
     if mode == "exact":
-        return any(answer == str(g).strip() for g in golds)
+        wanted = {str(g).strip() for g in golds}
+        return answer is not None and answer in wanted
     if mode == "normalized":
-        return normalize_text(answer) in {normalize_text(str(g)) for g in golds}
+        wanted = {normalize_text(str(g)) for g in golds}
+        return answer is not None and normalize_text(answer) in wanted
     if mode == "numeric":
-        value = parse_number(answer)
-        return value is not None and any(abs(value - _gold_number(g)) <= tolerance for g in golds)
+        numbers = [_gold_number(g) for g in golds]
+        value = None if answer is None else parse_number(answer)
+        return value is not None and any(abs(value - n) <= tolerance for n in numbers)
     if mode == "choice":
         if not choices:
             raise ValueError(
                 f"choices: expected a non-empty list of options for mode 'choice', got {choices!r}"
             )
-        picked = choice_index(answer, choices)
-        return picked is not None and picked in {_gold_choice(g, choices) for g in golds}
+        indices = {_gold_choice(g, choices) for g in golds}
+        return answer is not None and choice_index(answer, choices) in indices
     raise ValueError(f"mode: expected one of {', '.join(_MODES)}, got {mode!r}")
 
 
@@ -183,9 +184,9 @@ def parse_box(text: str) -> Box | None:
     return box if all(math.isfinite(v) for v in box) else None
 
 
-def rescale_box(box: Box, from_size: Sequence[float], to_size: Sequence[float]) -> Box:
-    """A box in the pixels of an image of ``from_size`` (w, h), expressed in the pixels of ``to_size``."""
-    (fw, fh), (tw, th) = _size(from_size, "processor_size"), _size(to_size, "image_size")
+def rescale_box(box: Box, processor_size: Sequence[float], image_size: Sequence[float]) -> Box:
+    """A box in the pixels the model saw (``processor_size``, (w, h)) in the original image's pixels."""
+    (fw, fh), (tw, th) = _size(processor_size, "processor_size"), _size(image_size, "image_size")
     x1, y1, x2, y2 = box
     return (x1 * tw / fw, y1 * th / fh, x2 * tw / fw, y2 * th / fh)
 

@@ -28,6 +28,12 @@ _BUILTIN: dict[str, str] = {
     "hpsv2": "mmalign.rewards.hps:HPSv2",
     "aesthetic": "mmalign.rewards.aesthetic:LaionAesthetic",
     "goal_baseline": "mmalign.rewards.vlmrm:GoalBaselineReward",
+    "answer_accuracy": "mmalign.rewards.rules:AnswerAccuracy",
+    "box_iou": "mmalign.rewards.rules:BoxIoU",
+    "format": "mmalign.rewards.rules:StrictFormat",
+    "length_penalty": "mmalign.rewards.rules:LengthPenalty",
+    "ensemble": "mmalign.rewards.ensemble:Ensemble",
+    "uncertainty_weighted": "mmalign.rewards.ensemble:UncertaintyWeighted",
 }
 _SESSION: dict[str, str | type] = {}
 

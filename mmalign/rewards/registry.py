@@ -55,14 +55,14 @@ def _table() -> dict[str, str | type]:
 
 
 def available() -> dict[str, str]:
-    """Every reward name that ``build`` accepts, with a one-line description taken from its docstring."""
+    """Every reward name that ``build`` accepts, with the first paragraph of its docstring."""
     out = {}
     for name in sorted(_table()):
         try:
             doc = inspect.getdoc(resolve(name)) or ""
         except (ImportError, AttributeError) as err:  # a broken plug-in must not hide the others
             doc = f"(cannot be imported: {err})"
-        out[name] = doc.strip().splitlines()[0] if doc.strip() else ""
+        out[name] = " ".join(doc.strip().split("\n\n")[0].split())  # the docstring's first paragraph
     return out
 
 

@@ -6,8 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from mmalign import __version__
+from mmalign.eval.preference import PROTOCOLS
 
 __all__ = ["main", "build_parser"]
 
@@ -54,6 +56,32 @@ def _cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_rewards(args: argparse.Namespace) -> int:
+    from mmalign.rewards import available
+
+    rewards = available()
+    width = max(map(len, rewards))
+    for name, description in rewards.items():
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
+def _cmd_eval_reward(args: argparse.Namespace) -> int:
+    from mmalign.eval.preference import read_pairs
+    from mmalign.eval.reward_accuracy import format_accuracy, reward_accuracy
+    from mmalign.eval.scoring import build_rewards
+
+    records = read_pairs(args.pairs)
+    rewards = build_rewards([_parse_reward(r) for r in args.reward], args.device)
+    table = reward_accuracy(records, rewards, args.protocol or PROTOCOLS, args.batch_size, not args.quiet)
+    print(f"{len(records)} records from {args.pairs}")
+    print(format_accuracy(table))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"pairs": str(args.pairs), "accuracy": table}, indent=2) + "\n")
+    return 0
+
+
 def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], list(items[1:])
@@ -80,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     recipes = sub.add_parser("recipes", help="list the shipped recipes")
     recipes.set_defaults(func=_cmd_recipes)
+    rewards = sub.add_parser("rewards", help="list the rewards that specs can name")
+    rewards.set_defaults(func=_cmd_rewards)
 
     score = sub.add_parser(
         "score",
@@ -97,6 +127,23 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="output .csv or .json")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
+
+    evaluate = sub.add_parser("eval", help="evaluate rewards and generators").add_subparsers(
+        dest="what", metavar="WHAT", required=True
+    )
+    reward = evaluate.add_parser(
+        "reward", help="preference accuracy of rewards on labelled pairs",
+        description="Pairwise accuracy of each reward against pairs.jsonl labels, under the HPDv2, Pick-a-Pic "
+        "and ImageReward protocols (docs/rewards.md).",
+    )
+    reward.add_argument("--pairs", required=True, help="pairs.jsonl: {prompt, a, b, label} or {prompt, images, ranks}")
+    reward.add_argument("--reward", action="append", required=True, help="reward name or JSON spec; repeat")
+    reward.add_argument("--protocol", action="append", choices=PROTOCOLS, help="default: all three")
+    reward.add_argument("--batch-size", type=int, default=32)
+    reward.add_argument("--device", default="cpu")
+    reward.add_argument("--out", help="write the table as JSON")
+    reward.add_argument("--quiet", action="store_true", help="no progress bar")
+    reward.set_defaults(func=_cmd_eval_reward)
     return parser
 
 

@@ -63,3 +63,37 @@ def test_errors_are_messages_not_tracebacks(tmp_path, capsys):
         main(["score", "--images", str(EXAMPLES), "--reward", "{bad json"])
     with pytest.raises(SystemExit):
         main([])
+
+
+def test_rewards_lists_names(capsys):
+    assert main(["rewards"]) == 0
+    out = capsys.readouterr().out
+    assert "clip" in out and "jpeg_compressibility" in out and "ensemble" in out
+
+
+def test_eval_reward_on_jpeg_labelled_pairs(tmp_path, capsys):
+    """Pairs labelled by file size independently (PIL): compressibility agrees with all, its negation with none."""
+    import io
+
+    from PIL import Image
+
+    files = sorted(EXAMPLES.glob("*.png"))
+
+    def kb(path):
+        buffer = io.BytesIO()
+        Image.open(path).convert("RGB").save(buffer, format="JPEG", quality=95)
+        return buffer.tell()
+
+    rows = []
+    for a, b in zip(files[:-1], files[1:]):
+        if kb(a) != kb(b):
+            rows.append({"prompt": "p", "a": str(a), "b": str(b), "label": "a" if kb(a) < kb(b) else "b"})
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "acc.json"
+    code = main(["eval", "reward", "--pairs", str(tmp_path / "pairs.jsonl"), "--reward", "jpeg_compressibility",
+                 "--reward", "jpeg_incompressibility", "--out", str(out), "--quiet"])
+    assert code == 0
+    table = json.loads(out.read_text())["accuracy"]
+    assert table["jpeg_compressibility"] == {"hpdv2": 1.0, "pickapic": 1.0, "imagereward": 1.0}
+    assert table["jpeg_incompressibility"]["imagereward"] == 0.0
+    assert f"{len(rows)} records" in capsys.readouterr().out

@@ -5,6 +5,8 @@ tutorials (see docs/world.md).
 """
 
 from mmalign.world.captions import Prompt, caption, prompt_set, read_prompts, vocabulary, write_prompts
+from mmalign.world.detect import DetectedObject, Detection, detect
+from mmalign.world.gold import GoldReward
 from mmalign.world.render import render, render_batch
 from mmalign.world.scenes import (
     BACKGROUNDS,
@@ -20,10 +22,15 @@ from mmalign.world.scenes import (
     layout,
     sample_scenes,
 )
+from mmalign.world.verify import GoldResult, verify, verify_batch
 
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "DetectedObject",
+    "Detection",
+    "GoldResult",
+    "GoldReward",
     "HELDOUT_PAIRS",
     "POSITIONS",
     "Prompt",
@@ -34,12 +41,15 @@ __all__ = [
     "Scene",
     "SceneObject",
     "caption",
+    "detect",
     "layout",
     "prompt_set",
     "read_prompts",
     "render",
     "render_batch",
     "sample_scenes",
+    "verify",
+    "verify_batch",
     "vocabulary",
     "write_prompts",
 ]

@@ -45,8 +45,8 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (240, 240, 240),
     "grey": (128, 128, 128),
 }
-#: Side of the object's bounding box as a fraction of the canvas (8, 10 and 13 px at 32 px).
-SIZES: dict[str, float] = {"small": 0.25, "medium": 0.32, "large": 0.40}
+#: Side of the object's bounding box as a fraction of the canvas (about 8, 10 and 13 px at 32 px).
+SIZES: dict[str, float] = {"small": 0.24, "medium": 0.32, "large": 0.41}
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "centre")
 #: ``relation`` says how objects[0] stands to objects[1].
 RELATIONS: tuple[str, ...] = ("left of", "above")
@@ -58,7 +58,7 @@ HELDOUT_PAIRS: frozenset[tuple[str, str]] = frozenset(
 
 #: Largest render jitter (at ``jitter=1``): centre shift and relative size change; the layout leaves room for both.
 MAX_SHIFT = 0.03
-MAX_SCALE = 0.08
+MAX_SCALE = 0.06
 _GAP = 0.08  # free space between the bounding boxes of two objects
 #: Where a stated position puts an object's centre: (x range, y range).
 _REGIONS: dict[str, tuple[tuple[float, float], tuple[float, float]]] = {

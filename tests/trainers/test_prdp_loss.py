@@ -74,7 +74,7 @@ def test_rescoring_reproduces_stored_log_probs_and_ratio_is_one(tiny):
     assert torch.equal(trajectory_log_probs(adapter, policy, pipe.unet, traj), traj.log_probs)
     again = sample_trajectories(adapter, policy, traj.prompts, traj.metadata, torch.Generator().manual_seed(0))
     assert torch.equal(again.latents, traj.latents)
-    assert traj.pixels.shape == (6, 3, 16, 16) and 0 <= traj.pixels.min() and traj.pixels.max() <= 1
+    assert traj.pixels.shape == (6, 3, 16, 16) and traj.pixels.min() >= 0 and traj.pixels.max() <= 1
     sub = traj.select([4, 1])
     assert sub.prompts == ["a blue square", "a red circle"] and torch.equal(sub.log_probs, traj.log_probs[[4, 1]])
 

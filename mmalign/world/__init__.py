@@ -5,6 +5,7 @@ tutorials (see docs/world.md).
 """
 
 from mmalign.world.captions import Prompt, caption, prompt_set, read_prompts, vocabulary, write_prompts
+from mmalign.world.corrupt import CORRUPTIONS, corrupt
 from mmalign.world.detect import DetectedObject, Detection, detect
 from mmalign.world.gold import GoldReward
 from mmalign.world.render import render, render_batch
@@ -27,6 +28,7 @@ from mmalign.world.verify import GoldResult, verify, verify_batch
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
+    "CORRUPTIONS",
     "DetectedObject",
     "Detection",
     "GoldResult",
@@ -41,6 +43,7 @@ __all__ = [
     "Scene",
     "SceneObject",
     "caption",
+    "corrupt",
     "detect",
     "layout",
     "prompt_set",

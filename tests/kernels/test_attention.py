@@ -82,8 +82,8 @@ def test_sdpa_backend_matches_reference(n_q, n_k, causal):
         torch.testing.assert_close(got, expected, msg=lambda m, name=name: f"d{name}: {m}")
 
 
-def test_triton_backend_through_dispatcher(flash):
-    q, k, v = qkv(13, 29, head_dim=24)
-    assert "triton" in available_backends("cpu")
+def test_triton_backend_through_dispatcher(device):
+    q, k, v = (t.to(device) for t in qkv(13, 29, head_dim=24))
+    assert "triton" in available_backends(device, torch.float32)
     out = attention(q, k, v, causal=True, backend="triton")
     torch.testing.assert_close(out, reference_attention(q, k, v, causal=True), rtol=1e-5, atol=1e-5)

@@ -29,7 +29,9 @@ def test_smoke_run_writes_tagged_results(tmp_path, capsys):
     assert len(csv_path.read_text().splitlines()) == 1 + len(SMOKE_CASES)
 
 
-def test_smoke_run_with_the_kernel(flash, tmp_path, capsys):
+def test_smoke_run_with_the_kernel(flash, tmp_path):
+    if not flash.INTERPRETED:
+        pytest.skip("smoke mode runs on the CPU, where only the interpreter runs the kernel")
     argv = ["--smoke", "--no-e2e", "--warmup", "0", "--reps", "1", "--out", str(tmp_path)]
     assert main([*argv, "--backend", "mmalign-triton"]) == 0
     result = json.loads(next(tmp_path.glob("*.json")).read_text())

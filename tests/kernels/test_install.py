@@ -20,11 +20,15 @@ def kernel_calls(flash):
         yield spy
 
 
+def on(device, inputs: dict) -> dict:
+    return {name: value.to(device) for name, value in inputs.items()}
+
+
 def run_with_grads(model, inputs: dict, output) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Forward, then backward of a fixed random projection of the output; returns output and parameter grads."""
     model.zero_grad(set_to_none=True)
     out = output(model(**inputs))
-    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out.device)
     (out * weights).sum().backward()
     grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     return out.detach(), grads
@@ -59,30 +63,30 @@ def unet_inputs(batch: int = 1) -> dict:
             "encoder_hidden_states": torch.randn(batch, 77, 32)}
 
 
-def test_unet_matches_sdpa(kernel_calls):
-    stock = tiny_unet()
+def test_unet_matches_sdpa(kernel_calls, device):
+    stock = tiny_unet().to(device)
     ours = copy.deepcopy(stock)
     report = install(ours, backend="triton")
     assert report.processors == {"AttentionProcessor": 8} and report.skipped == {} and report.installed == 8
     assert all(isinstance(p, AttentionProcessor) for p in ours.attn_processors.values())
-    assert_twins_match(stock, ours, unet_inputs())
+    assert_twins_match(stock, ours, on(device, unet_inputs()))
     assert kernel_calls.call_count == 8  # 4 transformer blocks x (self, cross); the backward reuses the context
 
 
-def test_unet_masked_cross_attention_falls_back(kernel_calls):
-    stock = tiny_unet()
+def test_unet_masked_cross_attention_falls_back(kernel_calls, device):
+    stock = tiny_unet().to(device)
     ours = copy.deepcopy(stock)
     install(ours, backend="triton")
     mask = torch.ones(2, 77)
     mask[1, 40:] = 0
-    inputs = {**unet_inputs(batch=2), "encoder_attention_mask": mask}
+    inputs = on(device, {**unet_inputs(batch=2), "encoder_attention_mask": mask})
     with torch.no_grad():
         expected, got = stock(**inputs).sample, ours(**inputs).sample
     assert kernel_calls.call_count == 4  # self-attention only; masked cross-attention went to SDPA
     torch.testing.assert_close(got, expected, **TOLERANCE)
 
 
-def test_sd3_joint_attention_matches_sdpa(kernel_calls):
+def test_sd3_joint_attention_matches_sdpa(kernel_calls, device):
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(0)
@@ -90,29 +94,29 @@ def test_sd3_joint_attention_matches_sdpa(kernel_calls):
         sample_size=4, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=4,
         pos_embed_max_size=4, dual_attention_layers=(0,), qk_norm="rms_norm",
-    )
+    ).to(device)
     ours = copy.deepcopy(stock)
     assert install(ours, backend="triton").processors == {"JointAttentionProcessor": 3}
     inputs = {"hidden_states": torch.randn(2, 4, 4, 4), "encoder_hidden_states": torch.randn(2, 7, 32),
               "pooled_projections": torch.randn(2, 16), "timestep": torch.tensor([3, 700])}
-    assert_twins_match(stock, ours, inputs)
+    assert_twins_match(stock, ours, on(device, inputs))
     assert kernel_calls.call_count == 3
 
 
-def test_flux_attention_matches_sdpa(kernel_calls):
+def test_flux_attention_matches_sdpa(kernel_calls, device):
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
     stock = FluxTransformer2DModel(
         patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
         joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 4, 8),
-    )
+    ).to(device)
     ours = copy.deepcopy(stock)
     assert install(ours, backend="triton").processors == {"FluxAttentionProcessor": 2}
     inputs = {"hidden_states": torch.randn(2, 16, 4), "encoder_hidden_states": torch.randn(2, 7, 32),
               "pooled_projections": torch.randn(2, 32), "timestep": torch.tensor([0.2, 0.9]),
               "img_ids": torch.randn(16, 3), "txt_ids": torch.zeros(7, 3)}
-    assert_twins_match(stock, ours, inputs)
+    assert_twins_match(stock, ours, on(device, inputs))
     assert kernel_calls.call_count == 2
 
 
@@ -133,8 +137,8 @@ def tiny_qwen2_vl():
     return Qwen2VLForConditionalGeneration(config).eval()
 
 
-def test_qwen2_vl_matches_sdpa(kernel_calls):
-    stock = tiny_qwen2_vl()
+def test_qwen2_vl_matches_sdpa(kernel_calls, device):
+    stock = tiny_qwen2_vl().to(device)
     ours = copy.deepcopy(stock)
     report = install(ours, backend="triton")
     assert report.attn_implementation == "mmalign_triton" and report.installed == 1
@@ -143,15 +147,15 @@ def test_qwen2_vl_matches_sdpa(kernel_calls):
     input_ids = torch.tensor([[5, 6, 92] + [90] * 6 + [93, 7, 8, 9, 10, 11]])
     inputs = {"input_ids": input_ids, "mm_token_type_ids": (input_ids == 90).long(),
               "pixel_values": torch.randn(24, 3 * 2 * 14 * 14), "image_grid_thw": torch.tensor([[1, 4, 6]])}
-    assert_twins_match(stock, ours, inputs, output=lambda o: o.logits)
+    assert_twins_match(stock, ours, on(device, inputs), output=lambda o: o.logits)
     assert kernel_calls.call_count == 4  # 2 vision blocks (bidirectional) + 2 text layers (causal, GQA)
 
 
-def test_qwen2_vl_padding_mask_falls_back(kernel_calls):
-    stock = tiny_qwen2_vl()
+def test_qwen2_vl_padding_mask_falls_back(kernel_calls, device):
+    stock = tiny_qwen2_vl().to(device)
     ours = copy.deepcopy(stock)
     install(ours, backend="triton")
-    input_ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10]])
+    input_ids = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9], [3, 4, 5, 6, 7, 8, 9, 10]], device=device)
     attention_mask = (input_ids != 0).long()
     with torch.no_grad():
         expected = stock(input_ids=input_ids, attention_mask=attention_mask).logits

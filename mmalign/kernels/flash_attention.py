@@ -139,7 +139,7 @@ def _dq_blocks(
     N_K, CAUSAL_SHIFT, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Accumulate dS @ K over key blocks [start, end) for one query block (dS already without the scale)."""
+    """Accumulate dS @ K over key blocks [start, end) for one query block; the caller applies the softmax scale."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(start, end, BLOCK_N):
         offs_n = start_n + offs_n0
@@ -274,7 +274,8 @@ def _attn_bwd_dkdv_kernel(
     lse_base = LSE + pid_bh.to(tl.int64) * N_Q
     delta_base = DELTA + pid_bh.to(tl.int64) * N_Q
     causal_shift = N_K - N_Q
-    start = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = 0
     if CAUSAL:
         # Query i sees key j when i >= j - shift: rows before the block's first key see nothing of it, and rows
@@ -282,11 +283,9 @@ def _attn_bwd_dkdv_kernel(
         start = (tl.maximum(pid_n * BLOCK_N - causal_shift, 0) // BLOCK_M) * BLOCK_M
         m_full = tl.cdiv(tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - causal_shift, 0), BLOCK_M) * BLOCK_M
         m_full = tl.maximum(m_full, start)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
-                          offs_n, offs_d, mask_d, start, tl.minimum(m_full, N_Q), N_Q, causal_shift, qk_scale,
-                          True, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
+                              offs_n, offs_d, mask_d, start, tl.minimum(m_full, N_Q), N_Q, causal_shift, qk_scale,
+                              True, BLOCK_M, DOT_PRECISION)
     dk, dv = _dkdv_blocks(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qn, stride_don,
                           offs_n, offs_d, mask_d, m_full, N_Q, N_Q, causal_shift, qk_scale,
                           False, BLOCK_M, DOT_PRECISION)

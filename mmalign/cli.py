@@ -82,6 +82,24 @@ def _cmd_eval_reward(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mmalign.config import load_recipe
+    from mmalign.trainers import trainer_for
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    trainer = trainer_for(recipe)(recipe, progress=not args.quiet)
+    trainer.train()
+    summary = trainer.report()
+    exported = trainer.export()
+    if summary:
+        for name in summary["before"]:
+            b, a = summary["before"][name], summary["after"][name]
+            print(f"{name:>24}: {b['mean']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] -> "
+                  f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]  (n={a['n']})")
+    print(f"run folder: {trainer.run_dir}  (weights: {exported})")
+    return 0
+
+
 def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], list(items[1:])
@@ -127,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="output .csv or .json")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
+
+    train = sub.add_parser(
+        "train", help="train a generator with a recipe (e.g. shapes-prdp)",
+        description="Run a training recipe; key=value overrides any field. A run folder that holds a checkpoint "
+        "is resumed. Ends with the before/after report in the run folder.",
+    )
+    train.add_argument("recipe", help="shipped recipe name or YAML file")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.set_defaults(func=_cmd_train)
 
     evaluate = sub.add_parser("eval", help="evaluate rewards and generators").add_subparsers(
         dest="what", metavar="WHAT", required=True

@@ -35,6 +35,7 @@ __all__ = [
 #: task name → "module:Schema"; imported only when a recipe of that task is loaded.
 TASKS: dict[str, str] = {
     "score": "mmalign.eval.scoring:ScoreRecipe",
+    "prdp": "mmalign.trainers.prdp:PRDPConfig",
 }
 
 

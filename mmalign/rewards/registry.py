@@ -34,6 +34,8 @@ _BUILTIN: dict[str, str] = {
     "length_penalty": "mmalign.rewards.rules:LengthPenalty",
     "ensemble": "mmalign.rewards.ensemble:Ensemble",
     "uncertainty_weighted": "mmalign.rewards.ensemble:UncertaintyWeighted",
+    "gold": "mmalign.world.gold:GoldReward",
+    "proxy": "mmalign.world.proxy_reward:ProxyScore",
 }
 _SESSION: dict[str, str | type] = {}
 

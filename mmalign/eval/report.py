@@ -1,0 +1,91 @@
+"""The end-of-run report: before/after evaluation, reward curves and image grids, and ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmalign.eval.generator import GeneratorEval
+
+__all__ = ["plot_curves", "read_metrics", "save_grids", "write_report"]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (the last row of an epoch wins when a resumed run repeated it)."""
+    rows: dict[int, dict[str, Any]] = {}
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row.get("epoch", len(rows))] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path) -> Path | None:
+    """One panel per metric (mean ± std where logged) against the epoch, as a PNG; None if nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(f"{k}/mean" in r or k in r for r in rows)]
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    epochs = [r.get("epoch", i) for i, r in enumerate(rows)]
+    for ax, key in zip(axes[0], keys):
+        mean = [r.get(f"{key}/mean", r.get(key, float("nan"))) for r in rows]
+        ax.plot(epochs, mean, marker="o", ms=3)
+        if any(f"{key}/std" in r for r in rows):
+            std = [r.get(f"{key}/std", 0.0) for r in rows]
+            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def save_grids(
+    before: GeneratorEval, after: GeneratorEval, path: str | Path, label_key: str | None = None, limit: int = 8
+) -> Path:
+    """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image."""
+    from mmalign.world.grid import image_grid
+
+    n = min(limit, len(before.batch))
+    images = torch.cat([before.batch.pixels[:n], after.batch.pixels[:n]])
+    labels = []
+    for tag, run in (("before", before), ("after", after)):
+        for i in range(n):
+            score = f"\n{label_key} {float(run.scores[label_key][i]):.2f}" if label_key in run.scores else ""
+            labels.append(f"{tag}: {run.batch.prompts[i]}{score}")
+    image_grid(images, labels, columns=n).save(path)
+    return Path(path)
+
+
+def write_report(
+    run_dir: str | Path,
+    before: GeneratorEval,
+    after: GeneratorEval,
+    curve_keys: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """``summary.json`` (before/after mean and 95% CI per reward), ``curves.png`` and ``grid.png`` in ``run_dir``."""
+    run_dir = Path(run_dir)
+    summary: dict[str, Any] = {"before": before.summary(), "after": after.summary(), **(extra or {})}
+    summary["change"] = {
+        k: summary["after"][k]["mean"] - summary["before"][k]["mean"] for k in summary["before"] if k in summary["after"]
+    }
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        curves = plot_curves(read_metrics(metrics), curve_keys, run_dir / "curves.png")
+        summary["curves"] = curves.name if curves else None
+    label = next((k for k in ("gold", *before.scores) if k in before.scores), None)
+    summary["grid"] = save_grids(before, after, run_dir / "grid.png", label).name
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary

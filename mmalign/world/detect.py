@@ -31,8 +31,8 @@ MAX_RESIDUAL = 0.2  # and at most this far from it (RGB in [0, 1], Euclidean)
 MIN_AREA = 0.01  # objects smaller than this fraction of the canvas are noise
 MAX_BACKGROUND_DISTANCE = 0.25  # from the nearest background colour, else the background is unnamed
 TRIANGLE_SKEW = 0.06  # a triangle's centre of mass lies 1/6 of its height below the middle; 0 for the others
-EDGE_CUT = 0.2  # coverage below this counts as none, above 1 - EDGE_CUT as full
-SQUARE_FILL = 0.87  # a square fills its bounding box (1), a circle does not (pi/4)
+EDGE_CUT = 0.15  # coverage below this counts as none, above 1 - EDGE_CUT as full
+SQUARE_FILL = 0.875  # a square fills its bounding box (1), a circle does not (pi/4)
 _CHUNK = 256
 #: Fill of the bounding box per shape, to read an object's size from its area.
 _FILL = {"square": 1.0, "circle": math.pi / 4, "triangle": 0.5}

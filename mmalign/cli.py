@@ -100,6 +100,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_rewards(args: argparse.Namespace) -> int:
+    from mmalign.eval.bench_rewards import bench_rewards, format_rows, write_rows
+
+    model = args.model
+    if model is None:
+        from mmalign.world.assets import proxy_path
+
+        model = proxy_path()
+    rows = bench_rewards(model, args.batch_sizes, args.images, args.image_size, repeats=args.repeats)
+    print(format_rows(rows))
+    if args.out:
+        write_rows(rows, args.out)
+    return 0
+
+
 def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], list(items[1:])
@@ -155,6 +170,29 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
+
+    bench = sub.add_parser("bench", help="benchmarks: figures with the ratio to a reference measured in the same run")
+    benches = bench.add_subparsers(dest="what", metavar="WHAT", required=True)
+    rewards_bench = benches.add_parser(
+        "rewards", help="images/s of CLIP-family rewards vs a naive one-image PIL loop",
+        description="images/s of mmalign's CLIP-family rewards at several batch sizes beside a naive loop (PIL "
+        "preprocessing, one image and prompt at a time) on the same model and images.",
+    )
+    rewards_bench.add_argument("--model", help="OpenCLIP folder (default: the world's proxy)")
+    rewards_bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
+    rewards_bench.add_argument("--images", type=int, default=64, help="images per measurement")
+    rewards_bench.add_argument("--image-size", type=int, default=64, help="side of the random test images")
+    rewards_bench.add_argument("--repeats", type=int, default=1)
+    rewards_bench.add_argument("--out", help="write the figures as JSON")
+    rewards_bench.set_defaults(func=_cmd_bench_rewards)
+    from mmalign.kernels import bench as attention_bench_module
+
+    attention_bench = benches.add_parser(
+        "attention", help="fused attention kernels vs SDPA backends (CUDA; --smoke runs tiny shapes on the CPU)",
+        description=attention_bench_module.__doc__.split("\n\n")[0],
+    )
+    attention_bench_module.add_arguments(attention_bench)
+    attention_bench.set_defaults(func=attention_bench_module.run)
 
     evaluate = sub.add_parser("eval", help="evaluate rewards and generators").add_subparsers(
         dest="what", metavar="WHAT", required=True

@@ -15,6 +15,7 @@ import importlib.metadata
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -292,9 +293,8 @@ def run_attention_bench(
     return BenchResult(_environment(device, dtype), rows, e2e)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: ``python -m mmalign.kernels.bench [--suite sd15 ...] [--backend ...] [--smoke] [--out DIR]``."""
-    parser = argparse.ArgumentParser(prog="mmalign bench attention", description=__doc__.split("\n\n")[0])
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The benchmark's flags, for ``mmalign bench attention`` and ``python -m mmalign.kernels.bench``."""
     parser.add_argument("--suite", action="append", choices=sorted(suites()), help="repeatable; default: all")
     parser.add_argument("--backend", action="append", help="repeatable label, e.g. mmalign-triton, sdpa-flash")
     parser.add_argument("--batch", type=int, default=2, help="batch size of the image-model cases")
@@ -303,16 +303,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--out", default="bench-results", help="folder for the CSV and JSON files")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark the parsed flags describe; print the table and write CSV/JSON."""
     try:
         result = run_attention_bench(args.suite, args.backend, args.batch, not args.no_e2e, args.smoke,
                                      args.warmup, args.reps)
     except (RuntimeError, ValueError) as error:
-        parser.exit(2, f"mmalign bench attention: {error}\n")
+        print(f"mmalign bench attention: {error}", file=sys.stderr)
+        return 2
     print(result.table())
     for path in result.save(args.out):
         print(f"wrote {path}")
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``python -m mmalign.kernels.bench [--suite sd15 ...] [--backend ...] [--smoke] [--out DIR]``."""
+    parser = argparse.ArgumentParser(prog="mmalign bench attention", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

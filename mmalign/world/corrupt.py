@@ -56,8 +56,14 @@ def _banding(images: torch.Tensor, strength: float, generator: torch.Generator) 
     """Too few colour levels: smooth shading (here a faint ramp across the image) turns into bands."""
     h, w = images.shape[-2:]
     ramp = torch.linspace(-0.5, 0.5, h)[:, None].expand(h, w) * 0.2 * strength
-    levels = 2 + round(30 * (1 - strength))
+    levels = 2 + round(14 * (1 - strength))
     return (((images + ramp).clamp(0, 1) * (levels - 1)).round() / (levels - 1)).clamp(0, 1)
+
+
+def _move(start: int, positions: int, size: int, generator: torch.Generator) -> int:
+    """A new start among ``positions``, at least half a fragment away from ``start`` (wrapping around)."""
+    least = min(size // 2, positions // 2)
+    return (start + int(torch.randint(least, positions - least + 1, (), generator=generator))) % positions
 
 
 def _duplicate(images: torch.Tensor, strength: float, generator: torch.Generator) -> torch.Tensor:
@@ -75,8 +81,7 @@ def _duplicate(images: torch.Tensor, strength: float, generator: torch.Generator
     for i in range(b):
         sy = min(max(int(centres[i]) // w - ph // 2, 0), h - ph)
         sx = min(max(int(centres[i]) % w - pw // 2, 0), w - pw)
-        ty = int(torch.randint(0, h - ph + 1, (), generator=generator))
-        tx = int(torch.randint(0, w - pw + 1, (), generator=generator))
+        ty, tx = _move(sy, h - ph + 1, ph, generator), _move(sx, w - pw + 1, pw, generator)
         target = out[i, :, ty : ty + ph, tx : tx + pw]
         target.copy_(torch.lerp(target, images[i, :, sy : sy + ph, sx : sx + pw], strength))
     return out

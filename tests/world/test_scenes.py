@@ -67,7 +67,7 @@ def _box(o: SceneObject) -> tuple[float, float, float, float]:
 def test_layouts_keep_objects_inside_apart_and_where_stated():
     for scene in SCENES + HELDOUT:
         boxes = [_box(o) for o in scene.objects]
-        assert all(0 <= x0 and 0 <= y0 and x1 <= 1 and y1 <= 1 for x0, y0, x1, y1 in boxes)
+        assert all(min(x0, y0) >= 0 and max(x1, y1) <= 1 for x0, y0, x1, y1 in boxes)
         for i, a in enumerate(boxes):
             for b in boxes[i + 1 :]:
                 assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1], scene
@@ -105,7 +105,10 @@ def test_dict_round_trip_through_json():
         (lambda: SceneObject("circle", "red", scale=2.0), "scale"),
         (lambda: Scene((SceneObject("circle", "red"),), background="pink"), "background"),
         (lambda: Scene((SceneObject("circle", "red"),) * 2, relation="above"), "relation"),
-        (lambda: Scene((SceneObject("circle", "red", position="left"), SceneObject("circle", "red"))), "unique"),
+        (
+            lambda: Scene((SceneObject("circle", "red", position="left"), SceneObject("circle", "red"))),
+            "unique",
+        ),
         (lambda: Scene(()), "objects"),
         (lambda: Scene.from_dict({"objects": "red circle"}), "data"),
         (lambda: sample_scenes(3, "test"), "split"),

@@ -1,0 +1,78 @@
+"""Where the shipped world models live, and one-line loaders over the ecosystem's own ones.
+
+The folders are plain diffusers and OpenCLIP layouts: ``StableDiffusionPipeline.from_pretrained(pipeline_path())``
+and ``open_clip.create_model_and_transforms("local-dir:" + proxy_path())`` need no mmalign code; the helpers
+here only pick the path, the device and the sampler settings the quality bars were measured with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+__all__ = ["ASSETS_DIR", "SAMPLER", "pipeline_path", "proxy_path", "load_pipeline", "load_proxy", "generate"]
+
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+#: Sampler settings of the shipped pipeline's reported gold scores (DDIM, its scheduler as saved).
+SAMPLER: dict[str, float | int] = {"num_inference_steps": 20, "guidance_scale": 5.0}
+
+
+def _folder(name: str, marker: str) -> str:
+    folder = ASSETS_DIR / name
+    if not (folder / marker).is_file():
+        raise FileNotFoundError(
+            f"{folder} holds no {marker}: the shipped {name} is missing; rebuild it with "
+            f"`mmalign world build --only {name}`"
+        )
+    return str(folder)
+
+
+def pipeline_path() -> str:
+    """Folder of the shipped ``StableDiffusionPipeline`` (VAE, CLIP text encoder, tokenizer, UNet, DDIM)."""
+    return _folder("pipeline", "model_index.json")
+
+
+def proxy_path() -> str:
+    """Folder of the shipped OpenCLIP proxy reward (``open_clip_config.json`` + safetensors + tokenizer)."""
+    return _folder("proxy", "open_clip_config.json")
+
+
+def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | None = None):
+    """The shipped (or ``path``'s) pipeline on ``device``, progress bars off (samplers call it in loops)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(path or pipeline_path(), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_proxy(device: str | torch.device = "cpu", path: str | None = None):
+    """``(model, preprocess, tokenizer)`` of the shipped (or ``path``'s) proxy through OpenCLIP's loaders."""
+    import open_clip
+
+    name = "local-dir:" + str(Path(path or proxy_path()).resolve())
+    model, _, preprocess = open_clip.create_model_and_transforms(name, device=device)
+    return model.eval().requires_grad_(False), preprocess, open_clip.get_tokenizer(name)
+
+
+@torch.no_grad()
+def generate(
+    pipe,
+    prompts: Sequence[str],
+    seed: int = 0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+) -> torch.Tensor:
+    """``(B, 3, H, W)`` images in [0, 1], one per prompt, from one seeded generator (``SAMPLER`` defaults)."""
+    if isinstance(prompts, str) or not len(prompts):
+        raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
+    out = pipe(
+        list(prompts),
+        num_inference_steps=int(num_inference_steps or SAMPLER["num_inference_steps"]),
+        guidance_scale=float(SAMPLER["guidance_scale"] if guidance_scale is None else guidance_scale),
+        generator=torch.Generator(device="cpu").manual_seed(seed),
+        output_type="pt",
+    )
+    return out.images.float().clamp(0, 1).cpu()

@@ -1,0 +1,140 @@
+"""Rebuild the shipped world models from their fixed seeds and measure them against the gold verifier.
+
+``build()`` trains the generator and/or the proxy into a temporary folder beside the target, swaps it in
+only once it is complete (an interrupted build never leaves half a model behind), then writes
+``build_report.json``: build times, machine load, model sizes, the generator's gold score per attribute type
+on train and held-out prompts, and the proxy's agreement with gold on the generator's images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
+from mmalign.world.captions import prompt_set
+from mmalign.world.generator import GeneratorRecipe, build_generator
+from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy, proxy_scores
+from mmalign.world.verify import verify_batch
+
+__all__ = ["MODELS", "build", "evaluate", "folder_size"]
+
+#: Buildable models and the asset folder each is saved to.
+MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy"}
+REPORT = "build_report.json"
+
+
+def folder_size(folder: str | Path) -> int:
+    """Bytes of all files under ``folder``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
+
+
+def _swap_in(build_fn, target: Path) -> None:
+    """Run ``build_fn(tmp)`` and replace ``target`` by ``tmp`` once it has succeeded."""
+    tmp = target.with_name(f".{target.name}.building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build_fn(tmp)
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def build(
+    only: str | None = None,
+    out: str | Path | None = None,
+    steps: int | None = None,
+    evaluate_prompts: int = 96,
+    progress: bool = True,
+) -> dict:
+    """Build ``only`` one model (a key of ``MODELS``) or both into ``out`` (default: the package assets).
+
+    ``steps`` replaces every stage's step count (and renders only as many scenes as those steps use), for
+    smoke tests; the shipped models use the recipes' defaults. ``evaluate_prompts=0`` skips the evaluation.
+    Returns the report that is also written to ``out/build_report.json``.
+    """
+    if only is not None and only not in MODELS:
+        raise ValueError(f"only: expected one of {sorted(MODELS)} or None, got {only!r}")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps: expected a positive int or None, got {steps!r}")
+    out = Path(out) if out is not None else ASSETS_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    report: dict = {"load_average_start": os.getloadavg(), "threads": torch.get_num_threads(), "seconds": {}}
+    gen_recipe, proxy_recipe = GeneratorRecipe(), ProxyRecipe()
+    if steps is not None:
+        gen_recipe = replace(gen_recipe, vae_steps=steps, unet_steps=steps, warmup=1,
+                             scenes=min(gen_recipe.scenes, steps * gen_recipe.unet_batch))
+        proxy_recipe = replace(proxy_recipe, steps=steps, scenes=min(proxy_recipe.scenes, steps * proxy_recipe.batch))
+    builders = {
+        "generator": lambda folder: build_generator(folder, gen_recipe, progress),
+        "proxy": lambda folder: build_proxy(folder, proxy_recipe, progress),
+    }
+    for name in [only] if only else list(MODELS):
+        start = time.perf_counter()
+        _swap_in(builders[name], out / MODELS[name])
+        report["seconds"][name] = round(time.perf_counter() - start, 1)
+    report["load_average_end"] = os.getloadavg()
+    report["recipes"] = {"generator": vars(gen_recipe), "proxy": vars(proxy_recipe)}
+    report["sizes_bytes"] = {n: folder_size(out / f) for n, f in MODELS.items() if (out / f).is_dir()}
+    if evaluate_prompts and all((out / f).is_dir() for f in MODELS.values()):
+        start = time.perf_counter()
+        report["evaluation"] = evaluate(out / MODELS["generator"], out / MODELS["proxy"], evaluate_prompts,
+                                        progress=progress)
+        report["seconds"]["evaluation"] = round(time.perf_counter() - start, 1)
+    (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def evaluate(
+    pipeline_dir: str | Path,
+    proxy_dir: str | Path,
+    prompts: int = 96,
+    samples_per_prompt: int = 4,
+    seed: int = 1000,
+    batch: int = 128,
+    progress: bool = True,
+) -> dict:
+    """Gold scores of the generator per split and attribute type, and the proxy's agreement with gold.
+
+    ``prompts`` fresh prompts per split (seeded apart from the training scenes), ``samples_per_prompt``
+    images each with the ``SAMPLER`` settings; agreement compares proxy and gold on those same images.
+    """
+    from tqdm.auto import tqdm
+
+    pipe = load_pipeline(path=str(pipeline_dir))
+    model, _, tokenizer = load_proxy(path=str(proxy_dir))
+    result: dict = {"sampler": dict(SAMPLER), "prompts_per_split": prompts, "samples_per_prompt": samples_per_prompt}
+    for split in ("train", "heldout"):
+        items = [p for p in prompt_set(split, prompts, seed) for _ in range(samples_per_prompt)]
+        texts = [p.text for p in items]
+        images = torch.cat([
+            generate(pipe, texts[i : i + batch], seed=seed + i)
+            for i in tqdm(range(0, len(items), batch), desc=f"sample {split}", disable=not progress)
+        ])
+        verdicts = verify_batch(images, [p.scene for p in items])
+        gold = torch.tensor([v.score for v in verdicts])
+        by_type: dict[str, list[bool]] = defaultdict(list)
+        for v in verdicts:
+            for check, ok in v.checks.items():
+                by_type[check.split(".")[-1]].append(ok)
+        proxy = proxy_scores(model, tokenizer, images, texts)
+        groups = torch.arange(prompts).repeat_interleave(samples_per_prompt)
+        noise = verify_batch(torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)),
+                             [p.scene for p in items])
+        result[split] = {
+            "gold_mean": round(float(gold.mean()), 4),
+            "gold_by_attribute": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_type.items())},
+            "checks_per_attribute": {k: len(v) for k, v in sorted(by_type.items())},
+            "gold_mean_uniform_noise": round(sum(v.score for v in noise) / len(noise), 4),
+            "proxy_vs_gold": {k: round(v, 4) if isinstance(v, float) else v
+                              for k, v in agreement(proxy, gold, groups).items()},
+        }
+    return result

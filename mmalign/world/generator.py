@@ -1,0 +1,268 @@
+"""The world's text-to-image generator: a tiny Stable-Diffusion-format pipeline trained from scratch.
+
+Three stages, each with a fixed seed: a VAE (32 px images to 16x16x4 latents) trained on renders; a CLIP text
+encoder and a UNet trained together with the epsilon-prediction DDPM loss on train-split scenes, captions
+dropped 10% of the time so that classifier-free guidance works; then the parts are saved with
+``StableDiffusionPipeline.save_pretrained`` so diffusers loads the folder with no mmalign code. The UNet is
+deliberately trained for a short budget: the model must leave room for reward alignment to improve.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from mmalign.world.captions import prompt_set, vocabulary
+from mmalign.world.render import render_batch
+from mmalign.world.tokenizer import load_tokenizer, save_tokenizer
+
+__all__ = [
+    "IMAGE_SIZE",
+    "MAX_TOKENS",
+    "GeneratorRecipe",
+    "world_pairs",
+    "make_scheduler",
+    "train_vae",
+    "train_denoiser",
+    "save_pipeline",
+    "build_generator",
+]
+
+IMAGE_SIZE = 32
+#: Longest tokenized prompt (BOS + words + EOS); grammar captions have at most 15 words.
+MAX_TOKENS = 20
+INITIAL_LOGVAR = -8.0
+
+
+@dataclass
+class GeneratorRecipe:
+    """Training settings of the generator; the defaults build the shipped model."""
+
+    seed: int = 0
+    scenes: int = 16384  # train-split scenes rendered once with jitter, shared by both stages
+    vae_steps: int = 1000
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 3000
+    unet_batch: int = 64
+    unet_lr: float = 1e-3
+    warmup: int = 100
+    caption_dropout: float = 0.1  # empty prompt, for classifier-free guidance
+    ema_decay: float = 0.995
+
+    def __post_init__(self) -> None:
+        for name in ("scenes", "vae_steps", "vae_batch", "unet_steps", "unet_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"caption_dropout: expected a fraction in [0, 1), got {self.caption_dropout!r}")
+
+
+def world_pairs(n: int, split: str = "train", seed: int = 0, jitter: float = 1.0):
+    """``(images (n, 3, 32, 32) in [0, 1], captions, scenes)`` of one split, rendered with jitter."""
+    prompts = prompt_set(split, n, seed)
+    scenes = [p.scene for p in prompts]
+    return render_batch(scenes, IMAGE_SIZE, jitter, seed), [p.text for p in prompts], scenes
+
+
+def make_scheduler():
+    """SD's noise schedule with DDIM sampling (the pipeline's scheduler; DDPM/Euler load from its config)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=IMAGE_SIZE,
+        mid_block_add_attention=False,
+    )
+
+
+def _text_encoder(tokenizer):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        projection_dim=64,
+    )
+    return CLIPTextModel(config)
+
+
+def _unet(cross_attention_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,  # diffusers reads this as the number of heads
+        norm_num_groups=16,
+    )
+
+
+def _lr_lambda(warmup: int, total: int):
+    def scale(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return scale
+
+
+def train_vae(images: torch.Tensor, recipe: GeneratorRecipe, progress: bool = True):
+    """An ``AutoencoderKL`` trained with L1 + a small KL on ``images`` ``(N, 3, 32, 32)`` in [0, 1].
+
+    Its ``scaling_factor`` is set to 1 / std of the latents, as diffusers' pipelines expect.
+    """
+    torch.manual_seed(recipe.seed)
+    vae = _vae().train()
+    with torch.no_grad():  # start with a narrow posterior: the decoder then need not learn to denoise
+        vae.quant_conv.bias[vae.config.latent_channels :] = INITIAL_LOGVAR
+    data = images * 2 - 1
+    opt = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, recipe.vae_steps), recipe.vae_steps))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    bar = tqdm(range(recipe.vae_steps), desc="vae", disable=not progress)
+    for _ in bar:
+        x = data[torch.randint(len(data), (recipe.vae_batch,), generator=gen)]
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample(gen)).sample
+        loss = F.l1_loss(recon, x) + recipe.kl_weight * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    vae.eval().requires_grad_(False)
+    latents = _encode(vae, images[:2048], sample=True, gen=gen)
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+@torch.no_grad()
+def _encode(vae, images: torch.Tensor, sample: bool, gen: torch.Generator | None = None, chunk: int = 256):
+    """Unscaled latents (posterior mean, or one sample) of ``images`` in [0, 1]."""
+    out = []
+    for start in range(0, len(images), chunk):
+        dist = vae.encode(images[start : start + chunk] * 2 - 1).latent_dist
+        out.append(dist.sample(gen) if sample else dist.mean)
+    return torch.cat(out)
+
+
+def train_denoiser(vae, tokenizer, images: torch.Tensor, captions: list[str], recipe: GeneratorRecipe,
+                   progress: bool = True):
+    """A text encoder and a UNet trained jointly from scratch on ``(images, captions)``; returns both.
+
+    Latents are encoded once (posterior mean and std), then sampled per step. The returned UNet holds the
+    exponential moving average of the trained weights.
+    """
+    torch.manual_seed(recipe.seed + 1)
+    text_encoder = _text_encoder(tokenizer).train()
+    unet = _unet(text_encoder.config.hidden_size).train()
+    ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
+    scheduler = make_scheduler()
+    with torch.no_grad():
+        mean, std = [], []
+        for start in range(0, len(images), 256):
+            dist = vae.encode(images[start : start + 256] * 2 - 1).latent_dist
+            mean.append(dist.mean)
+            std.append(dist.std)
+        mean, std = torch.cat(mean), torch.cat(std)
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    opt = torch.optim.AdamW(params, lr=recipe.unet_lr, weight_decay=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe.warmup, recipe.unet_steps))
+    gen = torch.Generator().manual_seed(recipe.seed + 1)
+    scale = vae.config.scaling_factor
+    bar = tqdm(range(recipe.unet_steps), desc="unet", disable=not progress)
+    for _ in bar:
+        idx = torch.randint(len(images), (recipe.unet_batch,), generator=gen)
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale
+        drop = torch.rand(len(idx), generator=gen) < recipe.caption_dropout
+        tokens = torch.where(drop[:, None], empty, ids[idx])
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = scheduler.add_noise(latents, noise, t)
+        context = text_encoder(tokens).last_hidden_state
+        loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=context).sample, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            for k, v in unet.state_dict().items():
+                ema[k].lerp_(v, 1 - recipe.ema_decay) if v.is_floating_point() else ema[k].copy_(v)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    unet.load_state_dict(ema)
+    return text_encoder.eval().requires_grad_(False), unet.eval().requires_grad_(False)
+
+
+def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet) -> Path:
+    """Save the parts as a ``StableDiffusionPipeline`` folder (safetensors, no safety checker)."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def build_generator(folder: str | Path, recipe: GeneratorRecipe | None = None, progress: bool = True) -> Path:
+    """Train every part from the fixed seeds and save the pipeline into ``folder``."""
+    recipe = recipe or GeneratorRecipe()
+    folder = Path(folder)
+    save_tokenizer(folder / "tokenizer", vocabulary(), MAX_TOKENS)
+    tokenizer = load_tokenizer(folder / "tokenizer")
+    images, captions, _ = world_pairs(recipe.scenes, "train", recipe.seed)
+    vae = train_vae(images, recipe, progress)
+    text_encoder, unet = train_denoiser(vae, tokenizer, images, captions, recipe, progress)
+    return save_pipeline(folder, vae, text_encoder, tokenizer, unet)

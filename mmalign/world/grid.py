@@ -1,0 +1,64 @@
+"""A contact sheet of small images with a few lines of text under each (prompt, gold verdict).
+
+32 px images are unreadable at their own size, so each is enlarged with nearest-neighbour sampling (which
+keeps the pixels the verifier saw) before the text is written beneath it.
+"""
+
+from __future__ import annotations
+
+import textwrap
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["image_grid"]
+
+_PAD = 4
+
+
+def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
+    """Lines of ``text`` that fit ``width`` pixels (at least one word per line)."""
+    lines: list[str] = []
+    for paragraph in text.split("\n"):
+        chars = max(1, len(paragraph))
+        while chars > 1 and any(draw.textlength(line, font=font) > width
+                                for line in textwrap.wrap(paragraph, chars) or [""]):
+            chars -= 1
+        lines.extend(textwrap.wrap(paragraph, chars) or [""])
+    return lines
+
+
+def image_grid(
+    images: torch.Tensor, labels: Sequence[str] | None = None, columns: int = 4, scale: int = 4
+) -> Image.Image:
+    """One RGB image holding ``images`` ``(B, 3, H, W)`` in [0, 1] in rows of ``columns``, each enlarged
+    ``scale`` times, with ``labels[i]`` (newlines allowed) written under image ``i``."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a (B, 3, H, W) tensor, got {got}")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"labels: expected one label per image ({len(images)}), got {len(labels)}")
+    if columns < 1 or scale < 1:
+        raise ValueError(f"columns, scale: expected positive ints, got {columns}, {scale}")
+    columns = min(columns, len(images))
+    rows = -(-len(images) // columns)
+    cell = images.shape[-1] * scale
+    font = ImageFont.load_default()
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [_wrap(text, font, cell, probe) for text in labels] if labels else [[] for _ in images]
+    line_height = probe.textbbox((0, 0), "Ag", font=font)[3] + 2
+    text_height = max(len(lines) for lines in wrapped) * line_height
+    cell_h = images.shape[-2] * scale + text_height + _PAD
+    sheet = Image.new("RGB", (columns * (cell + _PAD) + _PAD, rows * (cell_h + _PAD) + _PAD), "white")
+    draw = ImageDraw.Draw(sheet)
+    pixels = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round()
+    for i, (array, lines) in enumerate(zip(pixels.astype(np.uint8), wrapped)):
+        x = _PAD + (i % columns) * (cell + _PAD)
+        y = _PAD + (i // columns) * (cell_h + _PAD)
+        tile = Image.fromarray(array).resize((cell, images.shape[-2] * scale), Image.NEAREST)
+        sheet.paste(tile, (x, y))
+        for k, line in enumerate(lines):
+            draw.text((x, y + tile.height + 2 + k * line_height), line, fill="black", font=font)
+    return sheet

@@ -1,0 +1,108 @@
+"""The build scripts: tokenizer files, a few training steps of each model into a temporary folder, and the
+results loaded back through the ecosystem's own loaders."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from mmalign.world.captions import prompt_set, vocabulary
+from mmalign.world.generator import MAX_TOKENS, GeneratorRecipe, build_generator
+from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy
+from mmalign.world.tokenizer import EOS, build_vocab, load_tokenizer, save_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    return save_tokenizer(tmp_path_factory.mktemp("tok"), vocabulary(), MAX_TOKENS)
+
+
+def test_every_grammar_word_is_one_token(tokenizer_dir):
+    tok = load_tokenizer(tokenizer_dir)
+    vocab = json.loads((tokenizer_dir / "vocab.json").read_text())
+    for word in vocabulary():
+        assert tok.convert_ids_to_tokens(tok(word, add_special_tokens=False).input_ids) == [word + "</w>"]
+    assert vocab[EOS] == len(vocab) - 1  # CLIP's layout: EOS last, so argmax pooling finds it
+    caption = prompt_set("train", 1, 3)[0].text
+    ids = tok(caption).input_ids
+    assert ids == [tok.bos_token_id, *(vocab[w + "</w>"] for w in caption.split()), tok.eos_token_id]
+
+
+def test_unknown_text_falls_back_to_bytes(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokens = tok.convert_ids_to_tokens(tok("zebra, 42!", add_special_tokens=False).input_ids)
+    assert "".join(tokens).replace("</w>", "") == "zebra,42!"
+    assert EOS not in tokens  # nothing became unknown
+
+
+def test_vocab_is_deterministic_and_order_free():
+    words = vocabulary()
+    shuffled = words[:]
+    random.Random(0).shuffle(shuffled)
+    assert build_vocab(words) == build_vocab(shuffled)
+
+
+def test_agreement_matches_brute_force():
+    gen = torch.Generator().manual_seed(0)
+    proxy = torch.randn(24, generator=gen)
+    gold = torch.randint(0, 4, (24,), generator=gen).float() / 4  # ties, as gold scores have
+    groups = torch.arange(6).repeat_interleave(4)
+    got = agreement(proxy, gold, groups)
+
+    def ranks(x):
+        return torch.tensor([sum((y < v).item() + 0.5 * (y == v).item() for y in x) - 0.5 + 1 for v in x])
+
+    rp, rg = ranks(proxy), ranks(gold)
+    expected = torch.corrcoef(torch.stack([rp, rg]))[0, 1].item()
+    right = total = 0.0
+    for i in range(24):
+        for j in range(24):
+            if groups[i] == groups[j] and gold[i] > gold[j]:
+                total += 1
+                right += 1.0 if proxy[i] > proxy[j] else 0.5 if proxy[i] == proxy[j] else 0.0
+    assert got["spearman"] == pytest.approx(expected, abs=1e-6)
+    assert got["pairwise_accuracy"] == pytest.approx(right / total)
+    assert got["pairs"] == total
+
+
+def test_generator_build_runs_and_loads(tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    recipe = GeneratorRecipe(scenes=64, vae_steps=2, vae_batch=8, unet_steps=2, unet_batch=8, warmup=1)
+    folder = build_generator(tmp_path / "pipe", recipe, progress=False)
+    pipe = StableDiffusionPipeline.from_pretrained(str(folder))
+    assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.safety_checker is None
+    assert pipe.vae.config.scaling_factor != 0.18215  # measured on the latents, not SD's constant
+    out = pipe("a red circle", num_inference_steps=2, output_type="pt").images
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+
+
+def test_proxy_build_runs_and_loads(tmp_path):
+    import open_clip
+
+    folder = build_proxy(tmp_path / "proxy", ProxyRecipe(scenes=32, steps=2, batch=16), progress=False)
+    name = f"local-dir:{folder}"
+    model, _, preprocess = open_clip.create_model_and_transforms(name)
+    tokens = open_clip.get_tokenizer(name)(["a red circle", "two blue boxes"])
+    assert tokens.shape == (2, MAX_TOKENS)
+    features = model.encode_text(tokens)
+    assert features.shape == (2, 64) and torch.isfinite(features).all()
+
+
+def test_build_swaps_in_and_reports(tmp_path):
+    from mmalign.world.build import build
+
+    (tmp_path / "proxy").mkdir()
+    (tmp_path / "proxy" / "stale.txt").write_text("old build")
+    report = build("proxy", tmp_path, steps=1, evaluate_prompts=0, progress=False)
+    assert not (tmp_path / "proxy" / "stale.txt").exists()
+    assert (tmp_path / "proxy" / "open_clip_model.safetensors").is_file()
+    assert set(report["seconds"]) == {"proxy"} and report["sizes_bytes"]["proxy"] > 0
+    assert json.loads((tmp_path / "build_report.json").read_text())["recipes"]["proxy"]["steps"] == 1
+    with pytest.raises(ValueError, match="only"):
+        build("vae", tmp_path)

@@ -122,7 +122,8 @@ class PRDPTrainer:
         cfg = self.config
         self.run_dir = Path(cfg.output_dir)
         self.accelerator = Accelerator(
-            mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None, project_dir=str(self.run_dir)
+            mixed_precision=cfg.mixed_precision, log_with=cfg.trackers or None, project_dir=str(self.run_dir),
+            cpu=_multi_process_without_cuda(),
         )
         set_seed(cfg.seed)
         pipe = self._pipeline or load_sd_pipeline(cfg.pipeline)
@@ -401,6 +402,14 @@ class _ema_weights:  # noqa: N801 - used as a context manager
             with torch.no_grad():
                 for p, value in zip(trainable_state(self.trainer.raw_unet).values(), self.saved):
                     p.copy_(value)
+
+
+def _multi_process_without_cuda() -> bool:
+    """Several launched processes and no CUDA: accelerate must be told to use gloo on the CPU, or every process
+    would train alone as rank 0."""
+    import os
+
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

@@ -115,6 +115,38 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval_generator(args: argparse.Namespace) -> int:
+    from mmalign.eval.generator import evaluate_generator, load_run_pipeline
+    from mmalign.eval.scoring import build_rewards
+    from mmalign.models.stable_diffusion import StableDiffusionAdapter
+    from mmalign.trainers.prdp import load_sd_pipeline
+    from mmalign.trainers.prompts import PromptSource, load_prompts
+    from mmalign.trainers.sampler import DDIMPolicy
+
+    if (args.run is None) == (args.pipeline is None):
+        raise ValueError("eval generator: give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH")
+    if args.run:
+        pipe, sampler = load_run_pipeline(args.run)
+    else:
+        pipe, sampler = load_sd_pipeline(args.pipeline), {}
+    steps = args.steps or sampler.get("num_steps", 20)
+    eta = args.eta if args.eta is not None else sampler.get("eta", 1.0)
+    guidance = args.guidance_scale or sampler.get("guidance_scale", 5.0)
+    source = PromptSource(file=args.prompts) if args.prompts else PromptSource(world=args.split, n=args.n, seed=args.prompt_seed)
+    rewards = build_rewards([_parse_reward(r) for r in args.reward or ["gold"]], args.device)
+    result = evaluate_generator(
+        StableDiffusionAdapter(pipe.to(args.device), guidance), DDIMPolicy(pipe.scheduler.config, steps, eta),
+        load_prompts(source), rewards, args.samples_per_prompt, args.seed, progress=not args.quiet,
+    )
+    summary = result.summary()
+    for name, s in summary.items():
+        print(f"{name:>24}: {s['mean']:.4f}  95% CI [{s['ci_low']:.4f}, {s['ci_high']:.4f}]  n={s['n']}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"summary": summary, "steps": steps, "eta": eta, "guidance": guidance}, indent=2) + "\n")
+    return 0
+
+
 def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], list(items[1:])
@@ -160,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--out", help="output .csv or .json")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
+
+    from mmalign.world.commands import add_world_parser
+
+    add_world_parser(sub)
 
     train = sub.add_parser(
         "train", help="train a generator with a recipe (e.g. shapes-prdp)",
@@ -210,6 +246,27 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("--out", help="write the table as JSON")
     reward.add_argument("--quiet", action="store_true", help="no progress bar")
     reward.set_defaults(func=_cmd_eval_reward)
+    generator = evaluate.add_parser(
+        "generator", help="gold/proxy evaluation of a run or pipeline on a prompt split",
+        description="Sample a pipeline (or a training run's result) on world prompts or a prompt file with fixed "
+        "seeds, score the images, print mean and 95%% CI per reward.",
+    )
+    generator.add_argument("--run", help="training run folder (its config, base pipeline and exported weights)")
+    generator.add_argument("--pipeline", help="'world', a hub id or a pipeline folder")
+    generator.add_argument("--split", choices=["train", "heldout"], default="heldout", help="world prompt split")
+    generator.add_argument("--n", type=int, default=64, help="world prompts")
+    generator.add_argument("--prompt-seed", type=int, default=1)
+    generator.add_argument("--prompts", help="prompt file (.txt or .jsonl) instead of the world")
+    generator.add_argument("--samples-per-prompt", type=int, default=4)
+    generator.add_argument("--reward", action="append", help="reward name or JSON spec; default: gold")
+    generator.add_argument("--steps", type=int, help="DDIM steps (default: the run's, else 20)")
+    generator.add_argument("--eta", type=float, help="DDIM η (default: the run's, else 1)")
+    generator.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's, else 5)")
+    generator.add_argument("--seed", type=int, default=1234, help="noise seed")
+    generator.add_argument("--device", default="cpu")
+    generator.add_argument("--out", help="write the summary as JSON")
+    generator.add_argument("--quiet", action="store_true")
+    generator.set_defaults(func=_cmd_eval_generator)
     return parser
 
 

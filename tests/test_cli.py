@@ -97,3 +97,27 @@ def test_eval_reward_on_jpeg_labelled_pairs(tmp_path, capsys):
     assert table["jpeg_compressibility"] == {"hpdv2": 1.0, "pickapic": 1.0, "imagereward": 1.0}
     assert table["jpeg_incompressibility"]["imagereward"] == 0.0
     assert f"{len(rows)} records" in capsys.readouterr().out
+
+
+def test_train_then_eval_generator(tmp_path, tiny_sd_factory, capsys):
+    """`mmalign train` on a saved tiny pipeline ends with a report; `mmalign eval generator --run` reads the run."""
+    tiny_sd_factory(seed=0).save_pretrained(tmp_path / "pipe")
+    recipe = tmp_path / "tiny-prdp.yaml"
+    recipe.write_text(
+        f"# mmalign train {recipe}\ntask: prdp\npipeline: {tmp_path / 'pipe'}\nreward: [jpeg_incompressibility]\n"
+        "log_rewards: [gold]\nepochs: 1\nprompts_per_epoch: 2\nsamples_per_prompt: 2\nprompts_per_update: 2\n"
+        f"num_steps: 2\nlora: {{rank: 2, alpha: 2}}\noutput_dir: {tmp_path / 'run'}\n"
+        "report: {prompts: {world: heldout, n: 2, seed: 1}, samples_per_prompt: 2, rewards: [gold]}\n"
+    )
+    assert main(["train", str(recipe), "--quiet"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["before"]["gold"]["n"] == 4 and "gold" in summary["change"]
+    for name in ("grid.png", "curves.png", "metrics.jsonl", "lora/pytorch_lora_weights.safetensors"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert "run folder" in capsys.readouterr().out
+    out = tmp_path / "eval.json"
+    assert main(["eval", "generator", "--run", str(tmp_path / "run"), "--n", "2", "--samples-per-prompt", "1",
+                 "--out", str(out), "--quiet"]) == 0
+    evaluated = json.loads(out.read_text())
+    assert evaluated["steps"] == 2 and evaluated["summary"]["gold"]["n"] == 2
+    assert main(["eval", "generator", "--n", "2"]) == 2  # neither --run nor --pipeline

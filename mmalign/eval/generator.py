@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,7 +18,7 @@ from mmalign.rewards import Reward
 from mmalign.trainers.rollout import sample_trajectories
 from mmalign.trainers.sampler import DDIMPolicy
 
-__all__ = ["GeneratorEval", "evaluate_generator", "mean_ci"]
+__all__ = ["GeneratorEval", "evaluate_generator", "load_run_pipeline", "mean_ci"]
 
 
 def mean_ci(values: torch.Tensor, z: float = 1.96) -> dict[str, float]:
@@ -75,3 +77,24 @@ def evaluate_generator(
             for key, value in out.components.items():
                 columns.setdefault(f"{name}/{key}", []).append(value.float().cpu())
     return GeneratorEval(MediaBatch.concat(batches), {k: torch.cat(v) for k, v in columns.items()})
+
+
+def load_run_pipeline(run_dir: str | Path):
+    """The pipeline a training run produced: its base with the exported LoRA, or its saved full pipeline;
+    with the run's sampler settings (``num_steps``, ``eta``, ``guidance_scale``)."""
+    from mmalign.trainers.prdp import load_sd_pipeline
+
+    run_dir = Path(run_dir)
+    config_path = run_dir / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"run: {str(run_dir)!r} is not a run folder (no config.json)")
+    config = json.loads(config_path.read_text())
+    if (run_dir / "pipeline" / "model_index.json").is_file():
+        pipe = load_sd_pipeline(str(run_dir / "pipeline"))
+    elif (run_dir / "lora").is_dir():
+        pipe = load_sd_pipeline(config["pipeline"])
+        pipe.load_lora_weights(str(run_dir / "lora"))
+    else:
+        raise ValueError(f"run: {str(run_dir)!r} has no exported weights (lora/ or pipeline/); has it finished?")
+    sampler = {k: config[k] for k in ("num_steps", "eta", "guidance_scale") if k in config}
+    return pipe, sampler

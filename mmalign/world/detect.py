@@ -28,6 +28,7 @@ _BACKGROUND_NAMES = list(BACKGROUNDS)
 _BACKGROUND_PALETTE = torch.tensor([BACKGROUNDS[c] for c in _BACKGROUND_NAMES], dtype=torch.float32) / 255.0
 MARGIN = 0.6  # a pixel's nearest colour must be this much closer than the second nearest
 MAX_RESIDUAL = 0.2  # and at most this far from it (RGB in [0, 1], Euclidean)
+MIN_OFFSET = 0.1  # pixels closer than this to the background are background (too faint to be half a colour)
 MIN_AREA = 0.01  # objects smaller than this fraction of the canvas are noise
 MAX_BACKGROUND_DISTANCE = 0.25  # from the nearest background colour, else the background is unnamed
 TRIANGLE_SKEW = 0.06  # a triangle's centre of mass lies 1/6 of its height below the middle; 0 for the others
@@ -116,25 +117,33 @@ def _components(labels: torch.Tensor) -> torch.Tensor:
     return ids.view(labels.shape)
 
 
-def _classify(images: torch.Tensor, bg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(B, H, W)`` palette index of each pixel (-1: none) and ``(B, C, H, W)`` coverage of each colour."""
-    offset = images - bg[..., None, None]  # (B, 3, H, W)
-    direction = _PALETTE[None] - bg[:, None]  # (B, C, 3)
-    proj = torch.einsum("bchw,bkc->bkhw", offset, direction)
-    length2 = direction.square().sum(-1)[..., None, None]
+def _classify(offset: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``(B, H, W)`` palette index of each pixel, -1 where it is background, a mix of colours or off-palette.
+
+    ``offset``: ``(B*H*W, 3)`` pixels minus their image's background; ``direction``: ``(B, C, 3)`` palette
+    colours minus the background. Only pixels away from the background are examined.
+    """
+    candidates = torch.nonzero(offset.square().sum(1) > MIN_OFFSET**2).squeeze(1)
+    o = offset[candidates]
+    d = direction[candidates // (offset.shape[0] // direction.shape[0])]  # (N, C, 3)
+    proj, length2 = (d * o[:, None]).sum(-1), d.square().sum(-1)
     alpha = (proj / length2).clamp(0, 1)
-    residual = offset.square().sum(1, keepdim=True) - 2 * alpha * proj + alpha.square() * length2
-    two = residual.clamp(min=0).sqrt().topk(2, dim=1, largest=False)
-    nearest, (r1, r2) = two.indices[:, 0].contiguous(), two.values.unbind(1)
+    residual2 = o.square().sum(1, keepdim=True) - 2 * alpha * proj + alpha.square() * length2
+    r1, nearest = residual2.min(1)
+    r2 = residual2.scatter(1, nearest[:, None], float("inf")).min(1).values
     share = alpha.gather(1, nearest[:, None])[:, 0]
-    owned = (share >= 0.5) & (r1 <= MARGIN * r2) & (r1 <= MAX_RESIDUAL)
-    return torch.where(owned, nearest, -1), alpha
+    owned = (share >= 0.5) & (r1 <= MARGIN**2 * r2) & (r1 <= MAX_RESIDUAL**2)
+    labels = torch.full((offset.shape[0],), -1, dtype=torch.long)
+    labels[candidates[owned]] = nearest[owned]
+    return labels
 
 
 def _detect_chunk(images: torch.Tensor) -> list[Detection]:
     b, _, h, w = images.shape
     bg = _background(images)
-    labels, alpha = _classify(images, bg)
+    offset = (images - bg[..., None, None]).permute(0, 2, 3, 1).reshape(-1, 3)
+    direction = _PALETTE[None] - bg[:, None]  # (B, C, 3)
+    labels = _classify(offset, direction).view(b, h, w)
     core = labels >= 0
     ids = _components(labels)
     uniq, counts = torch.unique(ids[core], return_counts=True)
@@ -145,13 +154,15 @@ def _detect_chunk(images: torch.Tensor) -> list[Detection]:
     image_of, label_of = (uniq - 1) // (h * w), labels.view(-1)[uniq - 1]
 
     # each object's pixels plus a ring around them (its anti-aliased or blurred edge)
-    grown = ids
+    grown = ids.clone()
     for _ in range(max(1, h // 32)):
-        grown = torch.stack([grown, *_neighbours(grown, 0)]).amax(0)
+        for neighbour in _neighbours(grown, 0):
+            grown = torch.maximum(grown, neighbour)
     comp = comp_of[torch.where(core, ids, grown).view(-1)]
     pix = torch.nonzero(comp >= 0).squeeze(1)
     comp = comp[pix]
-    a = alpha.permute(0, 2, 3, 1).reshape(-1, len(_NAMES))[pix, label_of[comp]]
+    d = direction[image_of[comp], label_of[comp]]  # (N, 3)
+    a = ((offset[pix] * d).sum(1) / d.square().sum(1)).clamp(0, 1)  # the object colour's share of each pixel
 
     def total(values: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n).index_add_(0, comp, values.float())
@@ -176,26 +187,21 @@ def _detect_chunk(images: torch.Tensor) -> list[Detection]:
     skew = (cy * h - (rows * (torch.arange(h) + 0.5)).sum(1) / height) / height
 
     objects: list[list[DetectedObject]] = [[] for _ in range(b)]
-    for i in range(n):
-        shape = _shape(float(fill[i]), float(skew[i]))
-        share = float(area[i]) / (h * w)
+    for i, values in enumerate(
+        torch.stack([label_of.float(), cx, cy, area / (h * w), fill, skew], 1).tolist()
+    ):
+        label, x, y, share, fill_i, skew_i = values
+        shape = _shape(fill_i, skew_i)
         objects[int(image_of[i])].append(
             DetectedObject(
-                _NAMES[int(label_of[i])],
-                shape,
-                float(cx[i]),
-                float(cy[i]),
-                (share / _FILL[shape]) ** 0.5,
-                share,
-                float(fill[i]),
-                float(skew[i]),
+                _NAMES[int(label)], shape, x, y, (share / _FILL[shape]) ** 0.5, share, fill_i, skew_i
             )
         )
     bg_distance, bg_index = torch.cdist(bg, _BACKGROUND_PALETTE).min(dim=1)
     return [
         Detection(
             _BACKGROUND_NAMES[int(bg_index[k])] if bg_distance[k] <= MAX_BACKGROUND_DISTANCE else None,
-            tuple(float(v) for v in bg[k]),
+            tuple(bg[k].tolist()),
             sorted(objects[k], key=lambda o: -o.area),
         )
         for k in range(b)

@@ -147,6 +147,15 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from mmalign.trainers.bench import bench_prdp_update, format_train_rows
+    from mmalign.trainers.prdp import load_sd_pipeline
+
+    rows = bench_prdp_update(load_sd_pipeline(args.pipeline).to(args.device), args.group_sizes, args.steps)
+    print(format_train_rows(rows))
+    return 0
+
+
 def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], list(items[1:])
@@ -221,6 +230,16 @@ def build_parser() -> argparse.ArgumentParser:
     rewards_bench.add_argument("--repeats", type=int, default=1)
     rewards_bench.add_argument("--out", help="write the figures as JSON")
     rewards_bench.set_defaults(func=_cmd_bench_rewards)
+    train_bench = benches.add_parser(
+        "train", help="PRDP update: per-timestep vs whole-graph backward (time, memory, growth in B)",
+        description="One PRDP update per group size B with the memory-light per-timestep backward and with the "
+        "whole-graph backward: seconds, samples/s and peak memory saved for backward, as a ratio.",
+    )
+    train_bench.add_argument("--pipeline", default="world", help="'world', a hub id or a pipeline folder")
+    train_bench.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8, 16])
+    train_bench.add_argument("--steps", type=int, default=10, help="DDIM steps of the trajectories")
+    train_bench.add_argument("--device", default="cpu")
+    train_bench.set_defaults(func=_cmd_bench_train)
     from mmalign.kernels import bench as attention_bench_module
 
     attention_bench = benches.add_parser(

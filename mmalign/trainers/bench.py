@@ -82,6 +82,18 @@ def _measure(path: str, samples: int, fn) -> TrainBenchRow:
     return TrainBenchRow(path, samples, time.perf_counter() - start, meter.peak / 2**20, peak_cuda)
 
 
+def _per_timestep_update(adapter, policy, unet, trajectory, ref, s_old, rewards, pairs, beta, clip_range) -> None:
+    s = trajectory_log_probs(adapter, policy, unet, trajectory) - ref
+    terms = rdp_coefficients(s, s_old, rewards, pairs, beta, clip_range)
+    backward_weighted_log_probs(adapter, policy, unet, trajectory, terms.coef)
+
+
+def _whole_graph_update(adapter, policy, unet, trajectory, ref, s_old, rewards, pairs, beta, clip_range) -> None:
+    steps = range(trajectory.num_steps)
+    s = torch.stack([step_log_probs(adapter, policy, unet, trajectory, t) for t in steps], 1) - ref
+    rdp_loss(s, s_old, rewards, pairs, beta, clip_range)[0].backward()
+
+
 def bench_prdp_update(
     pipeline, group_sizes=(4, 8, 16), num_steps: int = 10, prompts: int = 1, beta: float = 0.1, clip_range: float = 1.0
 ) -> list[TrainBenchRow]:
@@ -100,18 +112,10 @@ def bench_prdp_update(
         rewards = torch.randn(len(trajectory), generator=torch.Generator().manual_seed(0))
         pairs = pair_indices(trajectory.groups)
 
-        def per_timestep():
-            s = trajectory_log_probs(adapter, policy, unet, trajectory) - ref
-            terms = rdp_coefficients(s, s_old, rewards, pairs, beta, clip_range)
-            backward_weighted_log_probs(adapter, policy, unet, trajectory, terms.coef)
-
-        def whole_graph():
-            s = torch.stack([step_log_probs(adapter, policy, unet, trajectory, t) for t in range(num_steps)], 1) - ref
-            rdp_loss(s, s_old, rewards, pairs, beta, clip_range)[0].backward()
-
-        for name, fn in (("per-timestep", per_timestep), ("whole-graph", whole_graph)):
+        args = (adapter, policy, unet, trajectory, ref, s_old, rewards, pairs, beta, clip_range)
+        for name, fn in (("per-timestep", _per_timestep_update), ("whole-graph", _whole_graph_update)):
             unet.zero_grad(set_to_none=True)
-            rows.append(_measure(name, len(trajectory), fn))
+            rows.append(_measure(name, len(trajectory), lambda fn=fn: fn(*args)))
     unet.zero_grad(set_to_none=True)
     return rows
 

@@ -9,6 +9,7 @@ network work is linear in B.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 
@@ -115,7 +116,7 @@ def bench_prdp_update(
         args = (adapter, policy, unet, trajectory, ref, s_old, rewards, pairs, beta, clip_range)
         for name, fn in (("per-timestep", _per_timestep_update), ("whole-graph", _whole_graph_update)):
             unet.zero_grad(set_to_none=True)
-            rows.append(_measure(name, len(trajectory), lambda fn=fn: fn(*args)))
+            rows.append(_measure(name, len(trajectory), functools.partial(fn, *args)))
     unet.zero_grad(set_to_none=True)
     return rows
 

@@ -1,0 +1,28 @@
+import json
+
+from mmalign.cli import main
+from mmalign.eval.bench_rewards import bench_rewards, naive_clip_loop
+from mmalign.media import MediaBatch
+
+
+def test_naive_loop_scores_what_the_reward_scores(tiny_open_clip_dir):
+    """The reference loop is a fair comparison: same model, same scores as the batched reward."""
+    import torch
+
+    from mmalign.rewards import build
+
+    batch = MediaBatch(torch.rand(3, 3, 32, 32), ["a", "b", "c"])
+    naive = naive_clip_loop(tiny_open_clip_dir)(MediaBatch.from_pil(batch.to_pil(), batch.prompts))
+    ours = build({"name": "clip", "model": str(tiny_open_clip_dir), "clamp": False})(MediaBatch.from_pil(batch.to_pil(), batch.prompts))
+    torch.testing.assert_close(ours.scores, naive.float(), atol=1e-3, rtol=1e-4)
+
+
+def test_bench_rows_and_command(tiny_open_clip_dir, tmp_path, capsys):
+    rows = bench_rewards(tiny_open_clip_dir, batch_sizes=(1, 4), n_images=8, image_size=48)
+    assert [(r.reward, r.batch_size) for r in rows] == [("clip", 1), ("clip", 4), ("goal_baseline", 1), ("goal_baseline", 4)]
+    assert all(r.images_per_s > 0 and r.speedup > 0 for r in rows)
+    out = tmp_path / "bench.json"
+    assert main(["bench", "rewards", "--model", str(tiny_open_clip_dir), "--batch-sizes", "2", "--images", "4",
+                 "--out", str(out)]) == 0
+    assert "speedup" in capsys.readouterr().out
+    assert json.loads(out.read_text())["rows"][0]["batch_size"] == 2

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds conftest.py
-from conftest import make_tiny_sd_pipeline  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tiny_models.py
+from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
 from mmalign.trainers.lora import trainable_state  # noqa: E402
 from mmalign.trainers.prdp import PRDPConfig, PRDPTrainer  # noqa: E402

@@ -41,11 +41,6 @@ def tiny_open_clip_dir(tmp_path_factory):
     return folder
 
 
-def assert_close(actual, expected, rtol=1e-5, atol=1e-6, what="value"):
-    """torch.testing.assert_close with the name of what is compared in the message."""
-    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
-
-
 @pytest.fixture(scope="session")
 def tiny_hf_clip_dir(tmp_path_factory):
     """A random tiny transformers CLIPModel with tokenizer and image processor, saved with save_pretrained."""

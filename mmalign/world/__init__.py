@@ -4,6 +4,7 @@ Everything runs on a CPU in seconds and truth is known, so it is the default wor
 tutorials (see docs/world.md).
 """
 
+from mmalign.world.assets import load_pipeline, load_proxy, pipeline_path, proxy_path
 from mmalign.world.captions import Prompt, caption, prompt_set, read_prompts, vocabulary, write_prompts
 from mmalign.world.corrupt import CORRUPTIONS, corrupt
 from mmalign.world.detect import DetectedObject, Detection, detect
@@ -46,7 +47,11 @@ __all__ = [
     "corrupt",
     "detect",
     "layout",
+    "load_pipeline",
+    "load_proxy",
+    "pipeline_path",
     "prompt_set",
+    "proxy_path",
     "read_prompts",
     "render",
     "render_batch",

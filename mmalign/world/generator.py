@@ -49,7 +49,7 @@ class GeneratorRecipe:
     vae_batch: int = 32
     vae_lr: float = 2e-3
     kl_weight: float = 1e-6
-    unet_steps: int = 3000
+    unet_steps: int = 1500
     unet_batch: int = 64
     unet_lr: float = 1e-3
     warmup: int = 100

@@ -37,7 +37,7 @@ class ProxyRecipe:
     seed: int = 1
     scenes: int = 16384
     steps: int = 600
-    batch: int = 256
+    batch: int = 128
     lr: float = 2e-3
     hard_negatives: bool = True
 

@@ -91,7 +91,7 @@ def test_bad_recipe_files_and_names(tmp_path):
     bad.write_text("task: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(bad)
-    with pytest.raises(RecipeError, match=r"task: expected one of \['score'\], got 'scor' \(did you mean 'score'\?\)"):
+    with pytest.raises(RecipeError, match=r"task: expected one of .*, got 'scor' \(did you mean 'score'\?\)"):
         validate_recipe({"task": "scor"})
 
 

@@ -22,6 +22,8 @@ from mmalign.rewards.preprocess import to_model_input
 __all__ = ["CLIPBackbone", "OpenCLIPBackbone", "HFCLIPBackbone", "hub_file", "load_backbone", "resolve_dtype"]
 
 Backend = Literal["open_clip", "hf"]
+#: The pretrained tag CLIP-family rewards default to (OpenAI's weights, as the papers used).
+OPENCLIP_DEFAULT_TAG = "openai"
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
@@ -201,13 +203,14 @@ def load_backbone(
     gradient_checkpointing: bool = False,
 ) -> CLIPBackbone:
     """The backbone for ``backend``: ``pretrained`` is OpenCLIP's tag/checkpoint, ``processor`` the HF
-    processor location; each is rejected by the other backend rather than silently ignored."""
+    processor location; each is rejected by the other backend rather than silently ignored (except the
+    rewards' default tag ``"openai"``, so ``backend="hf"`` needs no ``pretrained=None``)."""
     if backend == "open_clip":
         if processor is not None:
             raise ValueError("processor: only the 'hf' backend takes a processor; OpenCLIP folders carry their own")
         return OpenCLIPBackbone(model, pretrained, device, dtype, gradient_checkpointing)
     if backend == "hf":
-        if pretrained is not None:
+        if pretrained not in (None, OPENCLIP_DEFAULT_TAG):  # the rewards' OpenCLIP default means nothing here
             raise ValueError("pretrained: the 'hf' backend loads weights from `model`; pass a hub id or folder there")
         return HFCLIPBackbone(model, processor, device, dtype, gradient_checkpointing)
     raise ValueError(f"backend: expected 'open_clip' or 'hf', got {backend!r}")

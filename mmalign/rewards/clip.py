@@ -61,8 +61,6 @@ class CLIPScore(CLIPFamilyReward):
         dtype: str | torch.dtype = "float32",
         gradient_checkpointing: bool = False,
     ) -> None:
-        if backend == "hf" and pretrained == "openai":  # the OpenCLIP default tag means nothing to HF
-            pretrained = None
         super().__init__(load_backbone(backend, model, pretrained, processor, device, dtype, gradient_checkpointing))
         self.scale, self.clamp = float(scale), bool(clamp)
 

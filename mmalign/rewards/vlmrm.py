@@ -44,8 +44,6 @@ class GoalBaselineReward(CLIPFamilyReward):
     ) -> None:
         if not 0.0 <= float(alpha) <= 1.0:
             raise ValueError(f"alpha: expected a value in [0, 1], got {alpha!r}")
-        if backend == "hf" and pretrained == "openai":
-            pretrained = None
         super().__init__(load_backbone(backend, model, pretrained, None, device, dtype, gradient_checkpointing))
         self.baseline = [baseline] if isinstance(baseline, str) else list(baseline)
         self.goal = None if goal is None else [goal] if isinstance(goal, str) else list(goal)

@@ -184,7 +184,7 @@ def test_backend_argument_errors(tiny_open_clip_dir, tmp_path):
     with pytest.raises(ValueError, match="processor: only the 'hf' backend"):
         load_backbone("open_clip", str(tiny_open_clip_dir), processor="x")
     with pytest.raises(ValueError, match="pretrained: the 'hf' backend loads weights from `model`"):
-        load_backbone("hf", "x", pretrained="openai")
+        load_backbone("hf", "x", pretrained="laion2b_s34b_b79k")
     with pytest.raises(ValueError, match="backend: expected 'open_clip' or 'hf', got 'jax'"):
         load_backbone("jax", "x")
     with pytest.raises(ValueError, match="is not a local file and could not be fetched"):

@@ -76,7 +76,7 @@ class PRDPConfig(Recipe):
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     gradient_checkpointing: bool = False
     ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights, used for export")
-    seed: int = 0
+    seed: int = Field(0, ge=0, description="seed of every random draw (prompts, noise, shuffles)")
     output_dir: str = "runs/prdp"
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)

@@ -101,7 +101,7 @@ def load_sd_pipeline(name: str, dtype: torch.dtype = torch.float32):
         from mmalign.world import load_pipeline
 
         return load_pipeline(dtype=dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(name, torch_dtype=dtype, safety_checker=None)
+    pipe = StableDiffusionPipeline.from_pretrained(name, dtype=dtype, safety_checker=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

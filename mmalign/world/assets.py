@@ -43,7 +43,7 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     """The shipped (or ``path``'s) pipeline on ``device``, progress bars off (samplers call it in loops)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path or pipeline_path(), torch_dtype=dtype)
+    pipe = StableDiffusionPipeline.from_pretrained(path or pipeline_path(), dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

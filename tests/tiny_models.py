@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import copy
+import functools
+
 import torch
 
 
@@ -42,3 +45,31 @@ def make_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
                                    requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@functools.lru_cache(maxsize=1)
+def _world_tokenizer():
+    from mmalign.world.vlm_tokenizer import build_tokenizer
+
+    return build_tokenizer()
+
+
+def make_tiny_vlm(seed: int = 0, hidden_size: int = 32):
+    """A random Qwen2-VL with the world's tokenizer and processor (32 px images), small enough for CPU tests:
+    ``(model, processor)``; the model has no hub id or folder, as a model built in memory."""
+    from dataclasses import replace
+
+    from transformers import GenerationConfig, Qwen2VLForConditionalGeneration
+
+    from mmalign.world.vlm import VLMRecipe, build_processor, vlm_config
+
+    tokenizer = copy.deepcopy(_world_tokenizer())
+    recipe = replace(VLMRecipe(), hidden_size=hidden_size, layers=1, heads=2, kv_heads=1,
+                     intermediate_size=2 * hidden_size, vision_dim=16, vision_depth=1, vision_heads=1)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(vlm_config(tokenizer, recipe)).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+    )
+    return model, build_processor(tokenizer, recipe.patch_size)

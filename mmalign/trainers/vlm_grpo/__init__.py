@@ -1,0 +1,38 @@
+"""VLM GRPO on TRL: mmalign rewards as TRL reward functions, UWO/WCO ensembles, DAPO dynamic sampling, video
+inputs, explicit reference models, the world VQA dataset and the ``vlm_grpo`` recipe.
+
+One job per module: ``rewards`` (the adapter), ``sampling`` (which groups carry signal), ``trainer``
+(``VLMGRPOTrainer``, a small ``trl.GRPOTrainer`` subclass), ``world_vqa`` (dataset and accuracy reward).
+TRL is imported only by the modules that need it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = [
+    "RewardFunction",
+    "VLMGRPOTrainer",
+    "WorldAnswerAccuracy",
+    "ensemble_function",
+    "reward_functions",
+    "signal_groups",
+    "world_vqa_dataset",
+]
+
+_WHERE = {
+    "RewardFunction": "rewards",
+    "ensemble_function": "rewards",
+    "reward_functions": "rewards",
+    "signal_groups": "sampling",
+    "VLMGRPOTrainer": "trainer",
+    "WorldAnswerAccuracy": "world_vqa",
+    "world_vqa_dataset": "world_vqa",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

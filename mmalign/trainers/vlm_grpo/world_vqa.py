@@ -1,0 +1,144 @@
+"""The shapes world as a VQA dataset for VLM GRPO: renders, questions, gold answers (boxes for grounding).
+
+``world_vqa_dataset`` yields what TRL's ``GRPOTrainer`` expects of a vision-language dataset: a
+conversational ``prompt`` (the question as the user turn; TRL puts the image in front of it), an ``image``
+column (PIL) or, with ``frames``, a ``video`` column (a list of PIL frames: the scene rendered with fresh
+jitter each frame), and the gold data that rewards read from the metadata: ``answer``, ``kind``, and for
+grounding ``box`` with ``image_size``. ``WorldAnswerAccuracy`` grades completions exactly as
+``mmalign.world.questions.score`` does, from those columns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from mmalign.media import MediaBatch
+from mmalign.rewards.base import Reward, RewardOutput
+from mmalign.rewards.rules import answer_matches, box_iou, extract_answer, parse_box, rescale_box
+
+__all__ = ["WorldAnswerAccuracy", "world_vqa_dataset", "world_vqa_rows"]
+
+
+def _pil(pixels: torch.Tensor):
+    from PIL import Image
+
+    return Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+
+
+def world_vqa_rows(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    kinds: Sequence[str] | None = None,
+    jitter: float = 0.0,
+    size: int | None = None,
+    frames: int | None = None,
+    instruction: str | None = None,
+) -> list[dict[str, Any]]:
+    """Rows of ``world_vqa_dataset`` as plain dicts (see there)."""
+    from mmalign.world.questions import IMAGE_SIZE, KINDS, question_set
+    from mmalign.world.render import render
+
+    size = IMAGE_SIZE if size is None else size
+    if not isinstance(size, int) or size < 8:
+        raise ValueError(f"size: expected an int of at least 8 pixels, got {size!r}")
+    if frames is not None and not (isinstance(frames, int) and frames >= 1):
+        raise ValueError(f"frames: expected None (images) or an int >= 1 (video frames), got {frames!r}")
+    if not 0 <= jitter <= 1:
+        raise ValueError(f"jitter: expected a number in [0, 1], got {jitter!r}")
+    kinds = tuple(KINDS if kinds is None else kinds)
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {list(kinds)!r}")
+    questions = question_set(n, split, seed, kinds=kinds)
+    rng = np.random.default_rng([seed, 8])
+    scale = size / IMAGE_SIZE
+    rows = []
+    for q in questions:
+        text = q.text if instruction is None else f"{q.text} {instruction}"
+        row: dict[str, Any] = {"prompt": [{"role": "user", "content": text}], "question": q.text, "kind": q.kind}
+        if frames is None:
+            row["image"] = _pil(render(q.scene, size, jitter, rng))
+        else:
+            row["video"] = [_pil(render(q.scene, size, jitter, rng)) for _ in range(frames)]
+        if q.box is not None:
+            box = [round(v * scale) for v in q.box]
+            row |= {"answer": "[{}, {}, {}, {}]".format(*box), "box": box, "image_size": [size, size]}
+        else:
+            row |= {"answer": q.answer, "box": None, "image_size": [size, size]}
+        rows.append(row)
+    return rows
+
+
+def world_vqa_dataset(
+    n: int,
+    split: str = "train",
+    seed: int = 0,
+    kinds: Sequence[str] | None = None,
+    jitter: float = 0.0,
+    size: int | None = None,
+    frames: int | None = None,
+    instruction: str | None = None,
+):
+    """A ``datasets.Dataset`` of ``n`` world questions of ``split`` (kinds taken in turn; see ``question_set``).
+
+    Args:
+        jitter: render jitter (0 to 1) of the images; the gold boxes are those of the un-jittered scene.
+        size: render side in pixels (default the world's 32); boxes and box answers are scaled to it.
+        frames: render each scene ``frames`` times into a ``video`` column instead of an ``image``.
+        instruction: text appended to each question (e.g. the answer format a real model should use).
+    """
+    from datasets import Dataset
+
+    return Dataset.from_list(world_vqa_rows(n, split, seed, kinds, jitter, size, frames, instruction))
+
+
+class WorldAnswerAccuracy(Reward):
+    """1 when a completion answers its world question: grounding by IoU ≥ 0.5 with ``box``, counts as numbers,
+    everything else by normalised text; as ``mmalign.world.questions.score``.
+
+    Reads ``answer``, ``kind`` and for grounding ``box`` (with ``processor_size`` and ``image_size`` when the
+    model saw a resized image) from the metadata. Component ``iou``: the IoU of grounding answers (NaN for
+    other kinds).
+    """
+
+    name = "world_accuracy"
+
+    def __init__(self, iou_threshold: float = 0.5) -> None:
+        super().__init__()
+        if not 0 < iou_threshold <= 1:
+            raise ValueError(f"iou_threshold: expected a number in (0, 1], got {iou_threshold!r}")
+        self.iou_threshold = float(iou_threshold)
+
+    def score_one(self, completion: str, meta: Mapping[str, Any]) -> tuple[float, float]:
+        answer = extract_answer(completion)
+        kind = meta.get("kind")
+        if kind == "grounding" or (kind is None and meta.get("box") is not None):
+            gold = meta.get("box")
+            if gold is None:
+                raise ValueError(f"box: expected the gold box of a grounding question, found keys {sorted(meta)}")
+            box = None if answer is None else parse_box(answer)
+            if box is not None and meta.get("processor_size") is not None:
+                box = rescale_box(box, meta["processor_size"], meta["image_size"])
+            iou = 0.0 if box is None else box_iou(box, tuple(float(v) for v in gold))
+            return float(iou >= self.iou_threshold), iou
+        if "answer" not in meta:
+            raise ValueError(f"answer: expected the gold 'answer' in the sample's metadata, found keys {sorted(meta)}")
+        mode = "numeric" if kind == "count" else "normalized"
+        return float(answer_matches(answer, meta["answer"], mode)), float("nan")
+
+    def forward(self, batch: MediaBatch) -> RewardOutput:
+        if batch.completions is None:
+            raise ValueError(f"completions: {self.name} scores VLM text, expected batch.completions, got None")
+        rows = []
+        for i, (completion, meta) in enumerate(zip(batch.completions, batch.metadata)):
+            try:
+                rows.append(self.score_one(completion, meta))
+            except ValueError as err:
+                raise ValueError(f"metadata[{i}]: {err}") from err
+        values = torch.tensor(rows, dtype=torch.float32, device=batch.device).reshape(-1, 2)
+        return RewardOutput(values[:, 0], {"iou": values[:, 1]})

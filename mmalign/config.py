@@ -36,6 +36,7 @@ __all__ = [
 TASKS: dict[str, str] = {
     "score": "mmalign.eval.scoring:ScoreRecipe",
     "prdp": "mmalign.trainers.prdp:PRDPConfig",
+    "vlm_grpo": "mmalign.trainers.vlm_grpo.recipe:VLMGRPOConfig",
 }
 
 

@@ -11,6 +11,7 @@ __all__ = ["TRAINERS", "trainer_for"]
 #: recipe task → "module:Trainer"
 TRAINERS: dict[str, str] = {
     "prdp": "mmalign.trainers.prdp:PRDPTrainer",
+    "vlm_grpo": "mmalign.trainers.vlm_grpo.recipe:VLMGRPORecipeTrainer",
 }
 
 

@@ -2,8 +2,9 @@
 inputs, explicit reference models, the world VQA dataset and the ``vlm_grpo`` recipe.
 
 One job per module: ``rewards`` (the adapter), ``sampling`` (which groups carry signal), ``trainer``
-(``VLMGRPOTrainer``, a small ``trl.GRPOTrainer`` subclass), ``world_vqa`` (dataset and accuracy reward).
-TRL is imported only by the modules that need it.
+(``VLMGRPOTrainer``, a small ``trl.GRPOTrainer`` subclass), ``world_vqa`` (dataset and accuracy reward),
+``evaluate`` (greedy answers, scored), ``recipe`` (YAML schema and the ``mmalign train`` runner). TRL is
+imported only by the modules that need it.
 """
 
 from __future__ import annotations
@@ -13,9 +14,12 @@ from typing import Any
 
 __all__ = [
     "RewardFunction",
+    "VLMGRPOConfig",
+    "VLMGRPORecipeTrainer",
     "VLMGRPOTrainer",
     "WorldAnswerAccuracy",
     "ensemble_function",
+    "evaluate_rows",
     "reward_functions",
     "signal_groups",
     "world_vqa_dataset",
@@ -29,6 +33,9 @@ _WHERE = {
     "VLMGRPOTrainer": "trainer",
     "WorldAnswerAccuracy": "world_vqa",
     "world_vqa_dataset": "world_vqa",
+    "evaluate_rows": "evaluate",
+    "VLMGRPOConfig": "recipe",
+    "VLMGRPORecipeTrainer": "recipe",
 }
 
 

@@ -1,0 +1,411 @@
+"""The ``vlm_grpo`` recipe: ``VLMGRPOConfig`` (YAML schema) and ``VLMGRPORecipeTrainer`` (``mmalign train``).
+
+A recipe names the policy (``world`` for the shipped shapes-world VLM, a hub id or a folder), where the VQA
+rows come from, the rewards (any mmalign reward spec, each one TRL reward function; or one UWO/WCO ensemble),
+mmalign's additions (dynamic sampling, an explicit reference), LoRA, and ``grpo``: keyword arguments of
+``trl.GRPOConfig`` passed through as they are (``num_generations``, ``loss_type``, ``scale_rewards``,
+``multi_objective_aggregation``, ``beta``, ``max_steps``, …), checked against its fields by name.
+
+The run folder holds ``config.json``, ``metrics.jsonl`` (every TRL log row), ``checkpoints/`` (TRL's, with the
+rewards' normalisation state; a rerun resumes from the last), ``before.json`` (the policy's answers before
+training), and the report: greedy answers on held-out rows before and after, each reward's mean with a 95% CI
+(``summary.json``), ``curves.png`` and ``grid.png``; then ``lora/`` or ``model/``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+
+from mmalign.config import Recipe, StrictModel
+
+__all__ = [
+    "AggregateConfig",
+    "DataSource",
+    "HubVQASource",
+    "LoRASettings",
+    "VLMGRPOConfig",
+    "VLMGRPORecipeTrainer",
+    "VQAReportConfig",
+    "WorldVQASource",
+    "load_rows",
+]
+
+RewardSpecs = list[str | dict[str, Any]]
+#: GRPOConfig fields the recipe sets itself.
+_OWNED = {"output_dir": "output_dir", "seed": "seed", "report_to": "trackers"}
+
+
+class WorldVQASource(StrictModel):
+    """Questions about shapes-world renders (``mmalign.trainers.vlm_grpo.world_vqa``)."""
+
+    split: Literal["train", "heldout"] = "train"
+    n: int = Field(512, ge=1, description="how many questions")
+    seed: int = Field(0, ge=0, description="seed of the scenes, questions and render jitter")
+    kinds: list[str] | None = Field(None, description="question kinds (default: all seven)")
+    jitter: float = Field(0.0, ge=0, le=1, description="render jitter of the images")
+    size: int | None = Field(None, ge=8, description="render side in pixels (default 32)")
+    frames: int | None = Field(None, ge=1, description="render each scene this many times into a video")
+
+
+class HubVQASource(StrictModel):
+    """A ``datasets.load_dataset`` dataset (a hub id, or a builder such as ``parquet`` with ``data_files``)."""
+
+    path: str = Field(description="hub id or builder name")
+    name: str | None = Field(None, description="dataset configuration")
+    data_files: str | list[str] | None = Field(None, description="local files for builders such as parquet/json")
+    split: str = "train"
+    question: str = Field("question", description="column with the question text")
+    answer: str = Field("answer", description="column with the gold answer")
+    image: str = Field("image", description="column with the image")
+    limit: int | None = Field(None, ge=1, description="use the first rows only")
+
+
+class DataSource(StrictModel):
+    """``world: {...}`` or ``hub: {...}``, and an ``instruction`` appended to every question."""
+
+    world: WorldVQASource | None = None
+    hub: HubVQASource | None = None
+    instruction: str | None = Field(None, description="text after each question, e.g. the answer format")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSource:
+        if (self.world is None) == (self.hub is None):
+            raise ValueError("expected exactly one of `world: {...}` or `hub: {...}`")
+        return self
+
+
+class VQAReportConfig(StrictModel):
+    data: DataSource = Field(
+        default_factory=lambda: DataSource(world=WorldVQASource(split="heldout", n=200, seed=1)),
+        description="evaluation rows (greedy answers before and after training)",
+    )
+    rewards: RewardSpecs = Field(default_factory=list, description="rewards reported besides the trained ones")
+    batch_size: int = Field(32, ge=1)
+    max_new_tokens: int = Field(32, ge=1)
+
+
+class LoRASettings(StrictModel):
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | str = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names (or 'all-linear'); the LM head cannot take an adapter in TRL",
+    )
+
+
+class AggregateConfig(StrictModel):
+    """The rewards as one ensemble per completion instead of separate TRL reward functions."""
+
+    mode: Literal["mean", "uwo", "wco"] = Field("uwo", description="mean, UWO (mean − λ·var) or WCO (min)")
+    lam: float = Field(0.5, ge=0, description="UWO's variance penalty λ")
+    standardize: bool = Field(True, description="running standardisation of each member first")
+    momentum: float | None = Field(None, gt=0, le=1, description="EMA of the statistics; None pools all")
+
+
+class VLMGRPOConfig(Recipe):
+    """GRPO (and GDPO, DAPO, Dr. GRPO …) for a vision-language model on TRL's GRPOTrainer."""
+
+    task: Literal["vlm_grpo"] = "vlm_grpo"
+    model: str = Field("world", description="'world' (the shipped shapes VLM), a hub id or a folder")
+    data: DataSource = Field(default_factory=lambda: DataSource(world=WorldVQASource(jitter=0.5)))
+    rewards: RewardSpecs = Field(min_length=1, description="reward specs, each one TRL reward function (`weight`)")
+    aggregate: AggregateConfig | None = Field(None, description="one UWO/WCO/mean ensemble of the rewards instead")
+    image_size: int | None = Field(None, ge=1, description="resize images to this square size for the rewards")
+    dynamic_sampling_rounds: int | None = Field(None, ge=1, description="DAPO: extra rounds replacing flat groups")
+    ref_model: str | None = Field(None, description="reference policy folder / hub id (default: the policy's own)")
+    lora: LoRASettings | None = Field(None, description="LoRA settings; null = full fine-tuning")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the policy loads in")
+    attn_implementation: str | None = Field(None, description="e.g. sdpa or flash_attention_2")
+    grpo: dict[str, Any] = Field(default_factory=dict, description="trl.GRPOConfig keyword arguments")
+    seed: int = Field(0, ge=0)
+    output_dir: str = "runs/vlm-grpo"
+    report: VQAReportConfig | None = Field(default_factory=VQAReportConfig, description="before/after evaluation")
+    trackers: list[str] = Field(default_factory=list, description="TRL report_to (tensorboard, wandb, trackio)")
+
+    @field_validator("grpo")
+    @classmethod
+    def _known_grpo_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        from dataclasses import fields
+
+        from trl import GRPOConfig
+
+        valid = {f.name for f in fields(GRPOConfig) if f.init}
+        problems = []
+        for key in value:
+            if key in _OWNED:
+                problems.append(f"{key!r} is set by the recipe's `{_OWNED[key]}`")
+            elif key not in valid:
+                close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+                problems.append(f"{key!r} is not a trl.GRPOConfig field" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> VLMGRPOConfig:
+        grpo = self.grpo_kwargs()
+        generations, batch = grpo["num_generations"], grpo["per_device_train_batch_size"]
+        steps = grpo.get("steps_per_generation") or grpo.get("gradient_accumulation_steps", 1)
+        if generations < 2:
+            raise ValueError(f"grpo.num_generations: GRPO needs at least 2 completions per prompt, got {generations}")
+        if self.dynamic_sampling_rounds is not None and (batch * steps) % generations:
+            raise ValueError(
+                f"dynamic_sampling_rounds: per_device_train_batch_size × steps_per_generation ({batch * steps}) "
+                f"must be a multiple of num_generations ({generations}), so groups stay on one process"
+            )
+        if self.aggregate is not None and any(isinstance(s, dict) and "weight" in s for s in self.rewards):
+            raise ValueError("rewards: `weight` has no meaning when `aggregate` makes them one ensemble")
+        return self
+
+    def grpo_kwargs(self) -> dict[str, Any]:
+        """``grpo`` with mmalign's defaults for a small CPU run filled in (TRL's are for GPUs)."""
+        cuda = torch.cuda.is_available()
+        defaults = {
+            "num_generations": 8,
+            "per_device_train_batch_size": 8,
+            "max_steps": 100,
+            "learning_rate": 1e-5,
+            "beta": 0.0,
+            "logging_steps": 1,
+            "save_strategy": "steps",
+            "save_steps": 50,
+            "save_total_limit": 2,
+            "bf16": cuda,
+            "use_cpu": not cuda,
+            "gradient_checkpointing": False,
+            "remove_unused_columns": False,
+        }
+        return {**defaults, **self.grpo}
+
+
+def load_rows(source: DataSource, seed: int = 0) -> list[dict[str, Any]]:
+    """VQA rows (``prompt``, ``image`` or ``video``, ``answer``, …) of a data source."""
+    if source.world is not None:
+        from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
+
+        w = source.world
+        return world_vqa_rows(w.n, w.split, w.seed, w.kinds, w.jitter, w.size, w.frames, source.instruction)
+    from datasets import load_dataset
+
+    hub = source.hub
+    dataset = load_dataset(hub.path, hub.name, data_files=hub.data_files, split=hub.split)
+    missing = [c for c in (hub.question, hub.answer, hub.image) if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"data.hub: columns {missing} not in {hub.path!r}, which has {dataset.column_names}")
+    if hub.limit is not None:
+        dataset = dataset.select(range(min(hub.limit, len(dataset))))
+    rows = []
+    for row in dataset:
+        question = str(row[hub.question])
+        text = question if source.instruction is None else f"{question} {source.instruction}"
+        rest = {k: v for k, v in row.items() if k not in (hub.question, hub.answer, hub.image)}
+        rows.append({**rest, "prompt": [{"role": "user", "content": text}], "question": question,
+                     "image": row[hub.image], "answer": row[hub.answer]})
+    return rows
+
+
+def _metrics_callback(path: Path):
+    from transformers import TrainerCallback
+
+    class JsonlMetrics(TrainerCallback):
+        """Every TRL log row to ``metrics.jsonl`` (main process), keyed by optimiser step."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or not logs or "train_runtime" in logs:
+                return
+            row = {**logs, "train_epoch": logs.get("epoch"), "epoch": state.global_step, "step": state.global_step}
+            with path.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+
+    return JsonlMetrics()
+
+
+def _reward_state_callback(functions):
+    """Saves the rewards' buffers (ensemble statistics) into each TRL checkpoint folder."""
+    from safetensors.torch import save_file
+    from transformers import TrainerCallback
+
+    class RewardState(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            tensors = {f"{i}.{k}": v.detach().cpu().contiguous() for i, f in enumerate(functions)
+                       for k, v in f.reward.state_dict().items()}
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if tensors and state.is_world_process_zero and folder.is_dir():
+                save_file(tensors, folder / "reward_state.safetensors")
+
+    return RewardState()
+
+
+class VLMGRPORecipeTrainer:
+    """Runs a ``VLMGRPOConfig``: ``setup`` → ``train`` (resumes) → ``report`` → ``export``.
+
+    ``model`` and ``processor`` replace loading ``config.model`` (e.g. a model built in memory for tests).
+    """
+
+    def __init__(self, config: VLMGRPOConfig, model=None, processor=None, progress: bool = True) -> None:
+        self.config = config
+        self._model, self._processor = model, processor
+        self.progress = progress
+        self.run_dir = Path(config.output_dir)
+        self.before_answers: list[str] | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def load_policy(self):
+        """``(model, processor)`` of ``config.model``; no remote code."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if self._model is not None:
+            if self._processor is None:
+                raise ValueError("processor: a model given in memory needs its processor too")
+            return self._model, self._processor
+        path = self.config.model
+        if path == "world":
+            from mmalign.world.vlm import vlm_path
+
+            path = vlm_path()
+        kwargs: dict[str, Any] = {"dtype": getattr(torch, self.config.dtype)}
+        if self.config.attn_implementation:
+            kwargs["attn_implementation"] = self.config.attn_implementation
+        return AutoModelForImageTextToText.from_pretrained(path, **kwargs), AutoProcessor.from_pretrained(path)
+
+    def setup(self) -> None:
+        from datasets import Dataset
+        from trl import GRPOConfig
+
+        from mmalign.trainers.vlm_grpo.rewards import reward_functions
+        from mmalign.trainers.vlm_grpo.trainer import VLMGRPOTrainer
+
+        cfg = self.config
+        model, processor = self.load_policy()
+        tokenizer = getattr(processor, "tokenizer", processor)
+        tokenizer.padding_side = "left"  # TRL's prompts are left-padded; the processor's token types must agree
+        aggregate = cfg.aggregate.model_dump() if cfg.aggregate else None
+        self.functions, weights = reward_functions(cfg.rewards, aggregate, cfg.image_size)
+        grpo = cfg.grpo_kwargs()
+        grpo.setdefault("reward_weights", weights)
+        grpo.setdefault("disable_tqdm", not self.progress)
+        args = GRPOConfig(
+            output_dir=str(self.run_dir / "checkpoints"), seed=cfg.seed, report_to=cfg.trackers or "none", **grpo
+        )
+        peft_config = None
+        if cfg.lora is not None:
+            from peft import LoraConfig
+
+            peft_config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        dataset = Dataset.from_list(load_rows(cfg.data))
+        self.trainer = VLMGRPOTrainer(
+            model, list(self.functions), args, train_dataset=dataset, processing_class=processor,
+            peft_config=peft_config, ref_model=cfg.ref_model, dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
+            callbacks=[_metrics_callback(self.run_dir / "metrics.jsonl"), _reward_state_callback(self.functions)],
+        )
+        self.processor = processor
+        if self.trainer.accelerator.is_main_process:
+            (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+        self._evaluate_before()
+
+    def _report_rows(self) -> list[dict[str, Any]]:
+        if not hasattr(self, "_rows"):
+            self._rows = load_rows(self.config.report.data)
+        return self._rows
+
+    def _report_functions(self):
+        from mmalign.trainers.vlm_grpo.rewards import reward_functions
+
+        extra = reward_functions(self.config.report.rewards)[0] if self.config.report.rewards else []
+        for function in extra:
+            function.to(self.trainer.accelerator.device)
+        return [*self.functions, *extra]
+
+    def _answers(self) -> list[str]:
+        from mmalign.trainers.vlm_grpo.evaluate import generate_answers
+
+        report = self.config.report
+        model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+        return generate_answers(model, self.processor, self._report_rows(), report.batch_size, report.max_new_tokens,
+                                progress=self.progress)
+
+    def _evaluate_before(self) -> None:
+        """The untrained policy's answers to the report rows, once per run folder (greedy: deterministic)."""
+        path = self.run_dir / "before.json"
+        if self.config.report is None or not self.trainer.accelerator.is_main_process:
+            return
+        if path.is_file():
+            self.before_answers = json.loads(path.read_text())["answers"]
+        elif self._last_checkpoint() is None:
+            self.before_answers = self._answers()
+            path.write_text(json.dumps({"answers": self.before_answers}, indent=1) + "\n")
+
+    def _last_checkpoint(self) -> str | None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        folder = self.run_dir / "checkpoints"
+        return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+    # ------------------------------------------------------------------------------------------ train
+    def train(self) -> dict[str, Any]:
+        if not hasattr(self, "trainer"):
+            self.setup()
+        checkpoint = self._last_checkpoint()
+        if checkpoint is not None:
+            self._load_reward_state(Path(checkpoint))
+            if self.progress and self.trainer.accelerator.is_main_process:
+                print(f"resuming from {checkpoint}")
+        output = self.trainer.train(resume_from_checkpoint=checkpoint)
+        self.train_metrics = dict(output.metrics)
+        return self.train_metrics
+
+    def _load_reward_state(self, checkpoint: Path) -> None:
+        from safetensors.torch import load_file
+
+        path = checkpoint / "reward_state.safetensors"
+        if not path.is_file():
+            return
+        tensors = load_file(path)
+        for i, function in enumerate(self.functions):
+            state = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".", 1)[0] == str(i)}
+            if state:
+                function.reward.load_state_dict(state)
+
+    # ----------------------------------------------------------------------------------------- report
+    def report(self) -> dict[str, Any] | None:
+        """Greedy answers on the report rows after training against those before: ``summary.json``,
+        ``curves.png`` and ``grid.png`` in the run folder (main process; None elsewhere or without a report)."""
+        from mmalign.eval.report import write_report
+        from mmalign.trainers.vlm_grpo.evaluate import score_answers
+
+        cfg = self.config
+        if cfg.report is None or not self.trainer.accelerator.is_main_process or self.before_answers is None:
+            return None
+        rows, functions = self._report_rows(), self._report_functions()
+        before = score_answers(rows, self.before_answers, functions)
+        after_answers = self._answers()
+        after = score_answers(rows, after_answers, functions)
+        (self.run_dir / "after.json").write_text(json.dumps({"answers": after_answers}, indent=1) + "\n")
+        names = [f.__name__ for f in self.functions]
+        keys = ["reward", *(f"rewards/{n}" for n in names), "kl", "completions/mean_length",
+                "frac_reward_zero_std", "dynamic_sampling/zero_spread_groups"]
+        extra = {
+            "model": cfg.model, "steps": self.trainer.state.global_step, "report_rows": len(rows),
+            "train": getattr(self, "train_metrics", {}),
+            "grpo": {k: v for k, v in cfg.grpo_kwargs().items() if isinstance(v, (int, float, str, bool, type(None)))},
+        }
+        return write_report(self.run_dir, before, after, keys, extra)
+
+    def export(self) -> Path:
+        """The trained weights: the LoRA adapter (``lora/``) or the whole model (``model/``), with the processor."""
+        self.trainer.accelerator.wait_for_everyone()
+        out = self.run_dir / ("lora" if self.config.lora is not None else "model")
+        if self.trainer.accelerator.is_main_process:
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            model.save_pretrained(out)
+            self.processor.save_pretrained(out)
+        return out

@@ -1,0 +1,147 @@
+"""The vlm_grpo recipe: validation, the run folder and report, resume, LoRA export, data sources, the CLI."""
+
+import json
+
+import pytest
+import torch
+from tiny_models import make_tiny_vlm
+
+from mmalign.config import RecipeError, load_recipe, validate_recipe
+from mmalign.trainers.vlm_grpo.recipe import (
+    DataSource,
+    HubVQASource,
+    VLMGRPOConfig,
+    VLMGRPORecipeTrainer,
+    load_rows,
+)
+from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
+
+
+def _config(out, steps=2, **overrides):
+    values = dict(
+        model="tiny",
+        data={"world": {"n": 16, "seed": 0}},
+        rewards=[{"name": "world_accuracy"}, {"name": "format", "think": False}],
+        grpo={"num_generations": 2, "per_device_train_batch_size": 4, "max_steps": steps, "max_completion_length": 6,
+              "learning_rate": 1e-2, "save_steps": 2},
+        output_dir=str(out),
+        report={"data": {"world": {"split": "heldout", "n": 6, "seed": 1}}, "batch_size": 4, "max_new_tokens": 6},
+    )
+    return VLMGRPOConfig(**{**values, **overrides})
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_recipe_errors_name_the_field():
+    base = {"task": "vlm_grpo", "rewards": ["format"]}
+    with pytest.raises(RecipeError, match="'num_generation' is not a trl.GRPOConfig field \\(did you mean 'num_generations'\\?\\)"):
+        validate_recipe({**base, "grpo": {"num_generation": 4}})
+    with pytest.raises(RecipeError, match="'output_dir' is set by the recipe's `output_dir`"):
+        validate_recipe({**base, "grpo": {"output_dir": "x"}})
+    with pytest.raises(RecipeError, match="grpo.num_generations: GRPO needs at least 2 completions per prompt, got 1"):
+        validate_recipe({**base, "grpo": {"num_generations": 1}})
+    with pytest.raises(RecipeError, match="dynamic_sampling_rounds: per_device_train_batch_size × steps_per_generation \\(6\\)"):
+        validate_recipe({**base, "dynamic_sampling_rounds": 1, "grpo": {"num_generations": 4, "per_device_train_batch_size": 6}})
+    with pytest.raises(RecipeError, match="expected exactly one of `world: \\{...\\}` or `hub: \\{...\\}`"):
+        validate_recipe({**base, "data": {"instruction": "x"}})
+    with pytest.raises(RecipeError, match="rewards: `weight` has no meaning when `aggregate`"):
+        validate_recipe({**base, "rewards": [{"name": "format", "weight": 2}], "aggregate": {"mode": "wco"}})
+    with pytest.raises(RecipeError, match="rewards: List should have at least 1 item"):
+        validate_recipe({"task": "vlm_grpo", "rewards": []})
+    recipe = load_recipe("shapes-vlm-grpo", ["grpo.multi_objective_aggregation=normalize_then_sum"])
+    assert recipe.grpo_kwargs()["multi_objective_aggregation"] == "normalize_then_sum"
+
+
+def test_a_run_writes_its_folder_report_and_model_then_resumes(tmp_path):
+    model, processor = make_tiny_vlm(seed=0)
+    runner = VLMGRPORecipeTrainer(_config(tmp_path / "run"), model, processor, progress=False)
+    runner.train()
+    summary = runner.report()
+    exported = runner.export()
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.jsonl", "before.json", "after.json", "summary.json", "curves.png", "grid.png"):
+        assert (run / name).is_file(), name
+    assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [1, 2]
+    assert "rewards/world_accuracy/mean" in _rows(run / "metrics.jsonl")[0]
+    assert summary["steps"] == 2 and summary["report_rows"] == 6
+    assert {"world_accuracy", "format", "world_accuracy/iou", "world_accuracy/colour"} <= set(summary["before"])
+    for tag in ("before", "after"):
+        assert summary[tag]["world_accuracy"]["n"] == 6 and 0 <= summary[tag]["format"]["mean"] <= 1
+    assert summary["before"]["world_accuracy/colour"]["n"] == 1  # six held-out questions, kinds in turn
+    assert json.loads((run / "summary.json").read_text())["change"].keys() == summary["change"].keys()
+    assert (run / "checkpoints" / "checkpoint-2").is_dir()
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    reloaded = AutoModelForImageTextToText.from_pretrained(exported)
+    AutoProcessor.from_pretrained(exported)
+    trained = runner.trainer.accelerator.unwrap_model(runner.trainer.model).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in reloaded.state_dict().items())
+
+    before = (run / "before.json").read_text()
+    model, processor = make_tiny_vlm(seed=0)
+    again = VLMGRPORecipeTrainer(_config(run, steps=3), model, processor, progress=False)
+    again.train()
+    assert again.trainer.state.global_step == 3
+    assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3]
+    assert (run / "before.json").read_text() == before  # the untrained policy's answers are kept
+    assert again.report()["steps"] == 3
+
+
+def test_lora_with_an_ensemble_reward_exports_an_adapter_and_checkpoints_the_statistics(tmp_path):
+    model, processor = make_tiny_vlm(seed=0)
+    config = _config(
+        tmp_path / "lora", lora={"rank": 2, "alpha": 4, "target_modules": ["q_proj", "v_proj"]},
+        rewards=["world_accuracy", {"name": "length_penalty", "target": 0, "limit": 40, "unit": "chars"}],
+        aggregate={"mode": "uwo", "lam": 0.5}, report=None,
+    )
+    runner = VLMGRPORecipeTrainer(config, model, processor, progress=False)
+    runner.train()
+    assert runner.report() is None
+    out = runner.export()
+    assert out.name == "lora" and (out / "adapter_config.json").is_file()
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "lora" / "checkpoints" / "checkpoint-2" / "reward_state.safetensors")
+    ensemble = runner.functions[0].reward
+    assert saved["0.count"].tolist() == ensemble.count.tolist() and ensemble.count[0] == 2 * 4  # 2 steps × 4 completions
+    ensemble.count.zero_()
+    runner._load_reward_state(tmp_path / "lora" / "checkpoints" / "checkpoint-2")
+    assert torch.equal(ensemble.count, saved["0.count"])
+    rows = _rows(tmp_path / "lora" / "metrics.jsonl")
+    assert "rewards/ensemble_uwo/uncertainty" in rows[0] and "rewards/ensemble_uwo/world_accuracy" in rows[0]
+
+
+def test_hub_rows_come_from_datasets(tmp_path):
+    from datasets import Dataset
+
+    rows = world_vqa_rows(5, seed=2)
+    table = [{"q": r["question"], "a": r["answer"], "picture": r["image"], "kind": r["kind"]} for r in rows]
+    Dataset.from_list(table).to_parquet(tmp_path / "vqa.parquet")
+    source = DataSource(hub=HubVQASource(path="parquet", data_files=str(tmp_path / "vqa.parquet"), question="q",
+                                         answer="a", image="picture", limit=4), instruction="Answer briefly.")
+    loaded = load_rows(source)
+    assert len(loaded) == 4
+    assert loaded[1]["prompt"] == [{"role": "user", "content": rows[1]["question"] + " Answer briefly."}]
+    assert loaded[1]["answer"] == rows[1]["answer"] and loaded[1]["kind"] == rows[1]["kind"]
+    assert loaded[1]["image"].size == (32, 32)
+    bad = DataSource(hub=HubVQASource(path="parquet", data_files=str(tmp_path / "vqa.parquet")))
+    with pytest.raises(ValueError, match="data.hub: columns \\['question', 'answer', 'image'\\] not in 'parquet'"):
+        load_rows(bad)
+
+
+def test_mmalign_train_runs_the_shipped_recipe_on_a_saved_model(tmp_path, capsys):
+    from mmalign.cli import main
+
+    model, processor = make_tiny_vlm(seed=0)
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+    status = main(["train", "shapes-vlm-grpo", f"model={tmp_path / 'vlm'}", f"output_dir={tmp_path / 'run'}",
+                   "data.world.n=8", "grpo.max_steps=1", "grpo.per_device_train_batch_size=8",
+                   "grpo.max_completion_length=4", "report.data.world.n=4", "report.max_new_tokens=4", "--quiet"])
+    assert status == 0
+    printed = capsys.readouterr().out
+    assert "world_accuracy:" in printed and "format:" in printed and "(n=4)" in printed
+    assert (tmp_path / "run" / "model" / "config.json").is_file()

@@ -1,0 +1,41 @@
+"""Runs a tiny VLM GRPO job through the recipe runner; used by the multi-process test as a subprocess.
+
+usage: python vlm_grpo_run.py OUTPUT_DIR STEPS [--dynamic-sampling]
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tiny_models.py
+from tiny_models import make_tiny_vlm  # noqa: E402
+
+from mmalign.trainers.vlm_grpo.recipe import VLMGRPOConfig, VLMGRPORecipeTrainer  # noqa: E402
+
+
+def config(output_dir: str, steps: int, dynamic: bool = False) -> VLMGRPOConfig:
+    return VLMGRPOConfig(
+        model="tiny",
+        data={"world": {"n": 32, "seed": 0}},
+        rewards=[{"name": "world_accuracy"}, {"name": "length_penalty", "target": 0, "limit": 40, "unit": "chars"}],
+        dynamic_sampling_rounds=2 if dynamic else None,
+        grpo={"num_generations": 4, "per_device_train_batch_size": 4, "max_steps": steps, "max_completion_length": 6,
+              "learning_rate": 1e-2, "beta": 0.05, "save_steps": steps, "shuffle_dataset": True},
+        output_dir=output_dir,
+        report=None,
+    )
+
+
+if __name__ == "__main__":
+    out, steps = sys.argv[1], int(sys.argv[2])
+    model, processor = make_tiny_vlm(seed=0)
+    runner = VLMGRPORecipeTrainer(config(out, steps, "--dynamic-sampling" in sys.argv), model, processor, progress=False)
+    runner.train()
+    acc = runner.trainer.accelerator
+    trained = acc.unwrap_model(runner.trainer.model)
+    rank = acc.process_index
+    torch.save({k: v.detach().clone() for k, v in trained.state_dict().items()}, Path(out) / f"final-rank{rank}.pt")
+    info = {"world_size": acc.num_processes, "distributed_type": str(acc.distributed_type), "steps": runner.trainer.state.global_step}
+    (Path(out) / f"done-rank{rank}.json").write_text(json.dumps(info))

@@ -25,6 +25,7 @@ from mmalign.world.scenes import (
     sample_scenes,
 )
 from mmalign.world.verify import GoldResult, verify, verify_batch
+from mmalign.world.vlm import load_vlm, vlm_path
 
 __all__ = [
     "BACKGROUNDS",
@@ -49,6 +50,7 @@ __all__ = [
     "layout",
     "load_pipeline",
     "load_proxy",
+    "load_vlm",
     "pipeline_path",
     "prompt_set",
     "proxy_path",
@@ -58,6 +60,7 @@ __all__ = [
     "sample_scenes",
     "verify",
     "verify_batch",
+    "vlm_path",
     "vocabulary",
     "write_prompts",
 ]

@@ -1,10 +1,12 @@
 """Rebuild the shipped world models from their fixed seeds and measure them against the gold verifier.
 
-``build()`` trains the generator and/or the proxy into a temporary folder beside the target, swaps it in
-only once it is complete (an interrupted build never leaves half a model behind), then writes
-``build_report.json``: build times, machine load, model sizes, the generator's gold score per attribute type
-on train and held-out prompts, and the proxy's agreement with gold on the generator's images. CPU seconds are
-reported beside wall seconds: on a shared machine they tell what the build costs apart from the load.
+``build()`` trains the generator, the proxy and/or the VLM, each into a temporary folder beside its target,
+and swaps it in only once it is complete (an interrupted build never leaves half a model behind). When the
+generator or proxy was built it writes ``build_report.json``: build times, machine load, model sizes, the
+generator's gold score per attribute type on train and held-out prompts, and the proxy's agreement with gold
+on the generator's images. The VLM's own report (accuracy per question kind, judge AUROC) travels inside its
+folder, so that ``--only vlm`` leaves the generator's and proxy's report as it was. CPU seconds are reported
+beside wall seconds: on a shared machine they tell what the build costs apart from the load.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ from mmalign.world.captions import prompt_set
 from mmalign.world.generator import GeneratorRecipe, build_generator
 from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy, proxy_scores
 from mmalign.world.verify import verify_batch
+from mmalign.world.vlm import build_vlm
 
 __all__ = ["MODELS", "build", "evaluate", "folder_size"]
 
 #: Buildable models and the asset folder each is saved to.
-MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy"}
+MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm"}
 REPORT = "build_report.json"
 
 
@@ -37,16 +40,17 @@ def folder_size(folder: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
-def _swap_in(build_fn, target: Path) -> None:
-    """Run ``build_fn(tmp)`` and replace ``target`` by ``tmp`` once it has succeeded."""
+def _swap_in(build_fn, target: Path):
+    """Run ``build_fn(tmp)`` and replace ``target`` by ``tmp`` once it has succeeded; returns its result."""
     tmp = target.with_name(f".{target.name}.building")
     shutil.rmtree(tmp, ignore_errors=True)
-    build_fn(tmp)
+    result = build_fn(tmp)
     old = target.with_name(f".{target.name}.old")
     if target.exists():
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+    return result
 
 
 def build(
@@ -56,11 +60,12 @@ def build(
     evaluate_prompts: int = 96,
     progress: bool = True,
 ) -> dict:
-    """Build ``only`` one model (a key of ``MODELS``) or both into ``out`` (default: the package assets).
+    """Build ``only`` one model (a key of ``MODELS``) or all of them into ``out`` (default: the package assets).
 
     ``steps`` replaces every stage's step count (and renders only as many scenes as those steps use), for
-    smoke tests; the shipped models use the recipes' defaults. ``evaluate_prompts=0`` skips the evaluation.
-    Returns the report that is also written to ``out/build_report.json``.
+    smoke tests; the shipped models use the recipes' defaults. ``evaluate_prompts`` prompts per split score
+    the generator and proxy (0 skips that; the VLM always evaluates itself). Returns the report, which is
+    also written to ``out/build_report.json`` when the generator or proxy was built.
     """
     if only is not None and only not in MODELS:
         raise ValueError(f"only: expected one of {sorted(MODELS)} or None, got {only!r}")
@@ -78,19 +83,25 @@ def build(
     builders = {
         "generator": lambda folder: build_generator(folder, gen_recipe, progress),
         "proxy": lambda folder: build_proxy(folder, proxy_recipe, progress),
+        "vlm": lambda folder: build_vlm(folder, steps, progress=progress),
     }
-    for name in [only] if only else list(MODELS):
+    names = [only] if only else list(MODELS)
+    for name in names:
         start, cpu = time.perf_counter(), time.process_time()
-        _swap_in(builders[name], out / MODELS[name])
+        result = _swap_in(builders[name], out / MODELS[name])
         report["seconds"][name] = round(time.perf_counter() - start, 1)
         report["cpu_seconds"][name] = round(time.process_time() - cpu, 1)
+        if name == "vlm":
+            report["vlm"] = result  # also in vlm/build_report.json
     report["load_average_end"] = os.getloadavg()
-    report["recipes"] = {"generator": vars(gen_recipe), "proxy": vars(proxy_recipe)}
     report["sizes_bytes"] = {n: folder_size(out / f) for n, f in MODELS.items() if (out / f).is_dir()}
-    if evaluate_prompts and all((out / f).is_dir() for f in MODELS.values()):
+    if names == ["vlm"]:
+        return report
+    report["recipes"] = {"generator": vars(gen_recipe), "proxy": vars(proxy_recipe)}
+    pair = [out / MODELS["generator"], out / MODELS["proxy"]]
+    if evaluate_prompts and all(f.is_dir() for f in pair):
         start = time.perf_counter()
-        report["evaluation"] = evaluate(out / MODELS["generator"], out / MODELS["proxy"], evaluate_prompts,
-                                        progress=progress)
+        report["evaluation"] = evaluate(*pair, evaluate_prompts, progress=progress)
         report["seconds"]["evaluation"] = round(time.perf_counter() - start, 1)
     (out / REPORT).write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -167,13 +167,14 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     world = subparsers.add_parser("world", help="the shapes world: build its models, sample, render, verify")
     sub = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
 
-    build = sub.add_parser("build", help="rebuild the shipped generator and proxy from fixed seeds",
+    build = sub.add_parser("build", help="rebuild the shipped generator, proxy and VLM from fixed seeds",
                            description="Train the tiny models and report gold scores (docs/world.md).")
-    build.add_argument("--only", choices=("generator", "proxy"))
-    build.add_argument("--out", help="folder for pipeline/ and proxy/ (default: the package's assets)")
+    build.add_argument("--only", choices=("generator", "proxy", "vlm"))
+    build.add_argument("--out", help="folder for pipeline/, proxy/ and vlm/ (default: the package's assets)")
     build.add_argument("--steps", type=int, help="override every stage's steps (smoke tests)")
-    build.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
-    build.add_argument("--eval-prompts", type=int, default=96, help="prompts per split to evaluate; 0 skips")
+    build.add_argument("--threads", type=int, help="torch threads (default: torch's own choice; the VLM uses 1)")
+    build.add_argument("--eval-prompts", type=int, default=96,
+                       help="prompts per split to evaluate the generator and proxy on; 0 skips")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_cmd_build)
 

@@ -106,3 +106,21 @@ def test_build_swaps_in_and_reports(tmp_path):
     assert json.loads((tmp_path / "build_report.json").read_text())["recipes"]["proxy"]["steps"] == 1
     with pytest.raises(ValueError, match="only"):
         build("vae", tmp_path)
+
+
+def test_vlm_build_swaps_in_and_leaves_the_report_alone(tmp_path, monkeypatch):
+    import mmalign.world.build as build_module
+
+    def fake_build_vlm(folder, steps, progress):  # the real build is tested in test_vlm.py
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        return {"steps": steps}
+
+    monkeypatch.setattr(build_module, "build_vlm", fake_build_vlm)
+    (tmp_path / "vlm").mkdir()
+    (tmp_path / "vlm" / "stale.txt").write_text("old build")
+    (tmp_path / "build_report.json").write_text('{"seconds": {"generator": 1.0}}')
+    report = build_module.build("vlm", tmp_path, steps=3, progress=False)
+    assert sorted(p.name for p in (tmp_path / "vlm").iterdir()) == ["config.json"]
+    assert report["vlm"] == {"steps": 3} and set(report["seconds"]) == {"vlm"}
+    assert (tmp_path / "build_report.json").read_text() == '{"seconds": {"generator": 1.0}}'

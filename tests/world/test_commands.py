@@ -67,6 +67,20 @@ def test_build_command_smoke(tmp_path):
     assert (tmp_path / "proxy" / "open_clip_config.json").is_file()
 
 
+def test_build_command_builds_the_vlm_alone(tmp_path, monkeypatch):
+    import mmalign.world.build as build_module
+
+    built = []
+
+    def fake_build_vlm(folder, steps, progress):  # the real build is tested in test_vlm.py
+        built.append(steps)
+        folder.mkdir()
+
+    monkeypatch.setattr(build_module, "build_vlm", fake_build_vlm)
+    assert run("world", "build", "--only", "vlm", "--steps", "2", "--out", str(tmp_path), "--quiet") == 0
+    assert built == [2] and (tmp_path / "vlm").is_dir() and not (tmp_path / "proxy").exists()
+
+
 def test_grid_layout():
     images = torch.rand(5, 3, 32, 32)
     sheet = image_grid(images, ["a long caption that has to wrap onto several lines\ngold 0.50"] * 5, columns=2)

@@ -68,6 +68,13 @@ class PRDPConfig(Recipe):
     prompts_per_update: int = Field(4, ge=1, description="prompt groups per optimiser step, per process")
     num_steps: int = Field(20, ge=1, description="DDIM sampling steps")
     eta: float = Field(1.0, gt=0, description="DDIM η (stochasticity of the policy)")
+    shared_initial_noise: bool = Field(
+        True, description="a prompt's samples start from one initial noise, so reward differences are the steps' doing"
+    )
+    min_step_std: float = Field(
+        0.1, ge=0,
+        description="steps whose policy std is below this are not trained (they stay in sampling): see docs/trainers/prdp.md",
+    )
     guidance_scale: float = Field(5.0, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -140,6 +147,12 @@ class PRDPTrainer:
             pipe.unet.enable_gradient_checkpointing()
         self.adapter = StableDiffusionAdapter(pipe, cfg.guidance_scale)
         self.policy = DDIMPolicy(pipe.scheduler.config, cfg.num_steps, cfg.eta)
+        self.trained_steps = torch.tensor([std >= cfg.min_step_std for std in self.policy.stds])
+        if not self.trained_steps.any():
+            raise ValueError(
+                f"min_step_std: {cfg.min_step_std} is above every step's policy std "
+                f"(largest {max(self.policy.stds):.3g} at num_steps={cfg.num_steps}, eta={cfg.eta}); lower it"
+            )
         params = list(trainable_state(pipe.unet).values())
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.unet, self.optimizer = self.accelerator.prepare(pipe.unet, optimizer)
@@ -210,7 +223,8 @@ class PRDPTrainer:
         self.unet.eval()
         with acc.autocast():
             trajectory = sample_trajectories(
-                self.adapter, self.policy, texts, metadata, self._epoch_generator(epoch, 0), unet=self.raw_unet
+                self.adapter, self.policy, texts, metadata, self._epoch_generator(epoch, 0), unet=self.raw_unet,
+                group_size=cfg.samples_per_prompt if cfg.shared_initial_noise else 1,
             )
             with reference_policy(self.raw_unet, self.ref_copy) as ref:
                 trajectory.ref_log_probs = trajectory_log_probs(self.adapter, self.policy, ref, trajectory)
@@ -249,7 +263,8 @@ class PRDPTrainer:
     def update(self, trajectory: Trajectory, epoch: int) -> dict[str, float]:
         """``inner_steps`` passes of proximal RDP gradient steps over the epoch's prompt groups."""
         cfg, acc = self.config, self.accelerator
-        s_old = trajectory.log_probs - trajectory.ref_log_probs
+        trained = self.trained_steps.to(trajectory.log_probs.device)
+        s_old = (trajectory.log_probs - trajectory.ref_log_probs) * trained
         valid = torch.isfinite(trajectory.rewards).cpu()
         rewards = torch.nan_to_num(trajectory.rewards, nan=0.0, posinf=0.0, neginf=0.0)
         groups = trajectory.groups
@@ -265,13 +280,14 @@ class PRDPTrainer:
                 part = trajectory.select(index)
                 with acc.autocast():
                     if changed:
-                        s = trajectory_log_probs(self.adapter, self.policy, self.unet, part) - part.ref_log_probs
+                        s = (trajectory_log_probs(self.adapter, self.policy, self.unet, part) - part.ref_log_probs) * trained
                     else:  # θ is still θ_old: the sampled log-probs are exact
                         s = s_old[index.to(s_old.device)]
                     terms = rdp_coefficients(
                         s, s_old[index.to(s_old.device)], rewards[index.to(rewards.device)],
                         pair_indices(part.groups, valid[index]), cfg.beta, cfg.clip_range,
                     )
+                    terms.coef[:, ~trained.to(terms.coef.device)] = 0  # untrained steps are not back-propagated
                     backward_weighted_log_probs(
                         self.adapter, self.policy, self.unet, part, terms.coef, lambda: acc.no_sync(self.unet)
                     )
@@ -295,7 +311,7 @@ class PRDPTrainer:
         metrics["pairs"] = totals["pairs"]
         metrics["approx_kl"] = float(acc.gather(0.5 * delta.pow(2).mean(1)).mean())
         metrics["skipped_nonfinite"] = int(acc.gather((~valid).to(acc.device).float()).sum())
-        metrics["implicit_reward"] = float(acc.gather((new - trajectory.ref_log_probs).sum(1)).mean())
+        metrics["implicit_reward"] = float(acc.gather(((new - trajectory.ref_log_probs) * trained).sum(1)).mean())
         return metrics
 
     # -------------------------------------------------------------------------------------- bookkeeping

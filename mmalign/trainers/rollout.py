@@ -24,18 +24,24 @@ def sample_trajectories(
     generator: torch.Generator | None = None,
     unet: torch.nn.Module | None = None,
     progress: bool = False,
+    group_size: int = 1,
 ) -> Trajectory:
     """Sample one trajectory per prompt with ``unet`` (default: the pipeline's), storing every step's log-prob.
 
     The initial noise and every step's noise come from ``generator``, so a seeded generator reproduces the batch.
+    With ``group_size`` k, each run of k consecutive samples starts from one initial noise: the initial noise is
+    not an action of the policy (it has no log-prob), so within such a group every reward difference comes from
+    the steps the policy is credited with.
     """
     unet = adapter.unet if unet is None else unet
     prompts = list(prompts)
+    if not isinstance(group_size, int) or group_size < 1 or len(prompts) % group_size:
+        raise ValueError(f"group_size: expected a positive int dividing the {len(prompts)} prompts, got {group_size!r}")
     embeds = adapter.encode_prompts(prompts)
     device = adapter.device
-    shape = (len(prompts), *adapter.latent_shape)
+    shape = (len(prompts) // group_size, *adapter.latent_shape)
     noise_device = generator.device if generator is not None else device
-    x = torch.randn(shape, generator=generator, device=noise_device).to(device)
+    x = torch.randn(shape, generator=generator, device=noise_device).to(device).repeat_interleave(group_size, 0)
     latents, log_probs = [x], []
     for index, t in enumerate(tqdm(policy.timesteps, desc="sampling", leave=False, disable=not progress)):
         out = adapter.model_output(unet, x, t, embeds)

@@ -107,3 +107,15 @@ def test_memory_light_gradient_equals_whole_graph_gradient(tiny):
     for g_naive, p in zip(naive, theta.parameters()):
         # fp32 UNet passes summed in another order: agreement to float32 accumulation error
         torch.testing.assert_close(p.grad, g_naive, rtol=1e-3, atol=1e-6 * float(g_naive.abs().max()) + 1e-9)
+
+
+def test_groups_share_their_initial_noise_only(tiny):
+    _, adapter, policy, traj = tiny
+    shared = sample_trajectories(adapter, policy, traj.prompts, traj.metadata, torch.Generator().manual_seed(0),
+                                 group_size=3)
+    start = shared.latents[:, 0]
+    assert torch.equal(start[0], start[2]) and torch.equal(start[3], start[5]) and not torch.equal(start[0], start[3])
+    assert not torch.equal(shared.latents[0, 1], shared.latents[1, 1])  # each sample draws its own step noise
+    assert torch.equal(trajectory_log_probs(adapter, policy, adapter.unet, shared), shared.log_probs)
+    with pytest.raises(ValueError, match="group_size"):
+        sample_trajectories(adapter, policy, traj.prompts, None, None, group_size=4)

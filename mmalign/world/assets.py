@@ -19,24 +19,24 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 SAMPLER: dict[str, float | int] = {"num_inference_steps": 20, "guidance_scale": 5.0}
 
 
-def _folder(name: str, marker: str) -> str:
+def _folder(name: str, marker: str, model: str) -> str:
     folder = ASSETS_DIR / name
     if not (folder / marker).is_file():
         raise FileNotFoundError(
-            f"{folder} holds no {marker}: the shipped {name} is missing; rebuild it with "
-            f"`mmalign world build --only {name}`"
+            f"{folder} holds no {marker}: the shipped {model} is missing; rebuild it with "
+            f"`mmalign world build --only {model}`"
         )
     return str(folder)
 
 
 def pipeline_path() -> str:
     """Folder of the shipped ``StableDiffusionPipeline`` (VAE, CLIP text encoder, tokenizer, UNet, DDIM)."""
-    return _folder("pipeline", "model_index.json")
+    return _folder("pipeline", "model_index.json", "generator")
 
 
 def proxy_path() -> str:
     """Folder of the shipped OpenCLIP proxy reward (``open_clip_config.json`` + safetensors + tokenizer)."""
-    return _folder("proxy", "open_clip_config.json")
+    return _folder("proxy", "open_clip_config.json", "proxy")
 
 
 def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | None = None):

@@ -73,6 +73,28 @@ def test_steps_below_min_step_std_are_not_trained(tmp_path, tiny_sd_factory, mon
         PRDPTrainer(cfg.model_copy(update={"min_step_std": 10.0}), tiny_sd_factory(seed=0), progress=False).setup()
 
 
+def test_training_raises_the_reward(tmp_path, tiny_sd_factory):
+    """Full fine-tuning against mean brightness: the report's fixed-seed samples get brighter."""
+    from mmalign.rewards import Reward, RewardOutput, register
+
+    class Brightness(Reward):
+        name = "brightness"
+
+        def forward(self, batch):
+            return RewardOutput(batch.pixels.flatten(1).mean(1))
+
+    register("brightness", Brightness)
+    report = {"prompts": {"world": "train", "n": 4, "seed": 0}, "samples_per_prompt": 8, "rewards": [],
+              "grid_prompts": 0}
+    cfg = PRDPConfig.model_validate({**config(str(tmp_path / "run"), 6).model_dump(), "reward": ["brightness"],
+                                     "lora": None, "beta": 0.01, "learning_rate": 3e-3, "report": report})
+    trainer = PRDPTrainer(cfg, pipeline=tiny_sd_factory(seed=0), progress=False)
+    trainer.train()
+    summary = trainer.report()
+    before, after = summary["before"]["reward"], summary["after"]["reward"]
+    assert after["ci_low"] > before["ci_high"], (before, after)  # fixed seeds: the same noise, brighter images
+
+
 def test_nonfinite_rewards_are_skipped_and_counted(tmp_path, tiny_sd_factory):
     from mmalign.rewards import Reward, RewardOutput, register
 

@@ -71,9 +71,10 @@ class PRDPConfig(Recipe):
     shared_initial_noise: bool = Field(
         True, description="a prompt's samples start from one initial noise, so reward differences are the steps' doing"
     )
-    min_step_std: float = Field(
-        0.1, ge=0,
-        description="steps whose policy std is below this are not trained (they stay in sampling): see docs/trainers/prdp.md",
+    min_step_std_fraction: float = Field(
+        0.1, ge=0, le=1,
+        description="steps whose policy std is below this fraction of the largest step's are not trained "
+        "(they stay in sampling): see docs/trainers/prdp.md",
     )
     guidance_scale: float = Field(5.0, ge=1)
     learning_rate: float = Field(3e-4, gt=0)
@@ -147,12 +148,8 @@ class PRDPTrainer:
             pipe.unet.enable_gradient_checkpointing()
         self.adapter = StableDiffusionAdapter(pipe, cfg.guidance_scale)
         self.policy = DDIMPolicy(pipe.scheduler.config, cfg.num_steps, cfg.eta)
-        self.trained_steps = torch.tensor([std >= cfg.min_step_std for std in self.policy.stds])
-        if not self.trained_steps.any():
-            raise ValueError(
-                f"min_step_std: {cfg.min_step_std} is above every step's policy std "
-                f"(largest {max(self.policy.stds):.3g} at num_steps={cfg.num_steps}, eta={cfg.eta}); lower it"
-            )
+        floor = cfg.min_step_std_fraction * max(self.policy.stds)
+        self.trained_steps = torch.tensor([std >= floor for std in self.policy.stds])
         params = list(trainable_state(pipe.unet).values())
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.unet, self.optimizer = self.accelerator.prepare(pipe.unet, optimizer)

@@ -50,8 +50,12 @@ def test_recipe_errors_name_the_field():
         validate_recipe({**base, "rewards": [{"name": "format", "weight": 2}], "aggregate": {"mode": "wco"}})
     with pytest.raises(RecipeError, match="rewards: List should have at least 1 item"):
         validate_recipe({"task": "vlm_grpo", "rewards": []})
-    recipe = load_recipe("shapes-vlm-grpo", ["grpo.multi_objective_aggregation=normalize_then_sum"])
+    with pytest.raises(RecipeError, match="'learning_rate': expected a number, got 'fast'"):
+        validate_recipe({**base, "grpo": {"learning_rate": "fast"}})
+    recipe = load_recipe("shapes-vlm-grpo", ["grpo.multi_objective_aggregation=normalize_then_sum",
+                                             "grpo.learning_rate=1e-4"])  # YAML reads 1e-4 as a string
     assert recipe.grpo_kwargs()["multi_objective_aggregation"] == "normalize_then_sum"
+    assert recipe.grpo_kwargs()["learning_rate"] == 1e-4
 
 
 def test_a_run_writes_its_folder_report_and_model_then_resumes(tmp_path):
@@ -71,6 +75,8 @@ def test_a_run_writes_its_folder_report_and_model_then_resumes(tmp_path):
         assert summary[tag]["world_accuracy"]["n"] == 6 and 0 <= summary[tag]["format"]["mean"] <= 1
     assert summary["before"]["world_accuracy/colour"]["n"] == 1  # six held-out questions, kinds in turn
     assert json.loads((run / "summary.json").read_text())["change"].keys() == summary["change"].keys()
+    paired = summary["paired_change"]["world_accuracy"]
+    assert paired["n"] == 6 and paired["mean"] == pytest.approx(summary["change"]["world_accuracy"])
     assert (run / "checkpoints" / "checkpoint-2").is_dir()
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -112,6 +118,18 @@ def test_lora_with_an_ensemble_reward_exports_an_adapter_and_checkpoints_the_sta
     assert torch.equal(ensemble.count, saved["0.count"])
     rows = _rows(tmp_path / "lora" / "metrics.jsonl")
     assert "rewards/ensemble_uwo/uncertainty" in rows[0] and "rewards/ensemble_uwo/world_accuracy" in rows[0]
+
+
+def test_training_rows_that_are_report_rows_are_dropped(tmp_path):
+    config = _config(tmp_path, data={"world": {"split": "heldout", "n": 10, "seed": 1}})
+    runner = VLMGRPORecipeTrainer(config, progress=False)
+    rows = load_rows(config.data)
+    kept = runner._without_report_rows(rows)
+    assert runner.dropped_as_report == 6 and kept == rows[6:]  # the report's six questions start the same draw
+    other = VLMGRPORecipeTrainer(_config(tmp_path), progress=False)  # train split: nothing in common
+    assert len(other._without_report_rows(load_rows(other.config.data))) == 16 and other.dropped_as_report == 0
+    with pytest.raises(ValueError, match="data: every training row is also a report row"):
+        runner._without_report_rows(rows[:6])
 
 
 def test_hub_rows_come_from_datasets(tmp_path):

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import difflib
 import json
+import typing
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from mmalign.config import Recipe, StrictModel
 
@@ -124,6 +125,7 @@ class VLMGRPOConfig(Recipe):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the policy loads in")
     attn_implementation: str | None = Field(None, description="e.g. sdpa or flash_attention_2")
     grpo: dict[str, Any] = Field(default_factory=dict, description="trl.GRPOConfig keyword arguments")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: torch's default)")
     seed: int = Field(0, ge=0)
     output_dir: str = "runs/vlm-grpo"
     report: VQAReportConfig | None = Field(default_factory=VQAReportConfig, description="before/after evaluation")
@@ -132,21 +134,31 @@ class VLMGRPOConfig(Recipe):
     @field_validator("grpo")
     @classmethod
     def _known_grpo_keys(cls, value: dict[str, Any]) -> dict[str, Any]:
+        """Names must be GRPOConfig fields; numbers written as strings (YAML reads ``1e-4`` as one) become numbers."""
         from dataclasses import fields
 
         from trl import GRPOConfig
 
         valid = {f.name for f in fields(GRPOConfig) if f.init}
-        problems = []
-        for key in value:
+        hints = typing.get_type_hints(GRPOConfig)
+        problems, out = [], {}
+        for key, item in value.items():
             if key in _OWNED:
                 problems.append(f"{key!r} is set by the recipe's `{_OWNED[key]}`")
             elif key not in valid:
                 close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
                 problems.append(f"{key!r} is not a trl.GRPOConfig field" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            else:
+                numeric = [t for t in (typing.get_args(hints[key]) or (hints[key],)) if t in (int, float)]
+                if isinstance(item, str) and numeric:
+                    try:
+                        item = TypeAdapter(hints[key]).validate_python(item)
+                    except ValidationError:
+                        problems.append(f"{key!r}: expected a number, got {item!r}")
+            out[key] = item
         if problems:
             raise ValueError("; ".join(problems))
-        return value
+        return out
 
     @model_validator(mode="after")
     def _consistent(self) -> VLMGRPOConfig:
@@ -283,6 +295,8 @@ class VLMGRPORecipeTrainer:
         from mmalign.trainers.vlm_grpo.trainer import VLMGRPOTrainer
 
         cfg = self.config
+        if cfg.threads is not None:
+            torch.set_num_threads(cfg.threads)
         model, processor = self.load_policy()
         tokenizer = getattr(processor, "tokenizer", processor)
         tokenizer.padding_side = "left"  # TRL's prompts are left-padded; the processor's token types must agree
@@ -301,7 +315,10 @@ class VLMGRPORecipeTrainer:
             peft_config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                                      target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        dataset = Dataset.from_list(load_rows(cfg.data))
+        rows = load_rows(cfg.data)
+        if cfg.report is not None:
+            rows = self._without_report_rows(rows)
+        dataset = Dataset.from_list(rows)
         self.trainer = VLMGRPOTrainer(
             model, list(self.functions), args, train_dataset=dataset, processing_class=processor,
             peft_config=peft_config, ref_model=cfg.ref_model, dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
@@ -311,6 +328,16 @@ class VLMGRPORecipeTrainer:
         if self.trainer.accelerator.is_main_process:
             (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
         self._evaluate_before()
+
+    def _without_report_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Training rows minus any that ask a report question about the same scene (world rows carry their
+        scene), so the held-out numbers are never trained on; the count goes to the summary."""
+        asked = {(r.get("question"), r.get("scene")) for r in self._report_rows() if r.get("scene") is not None}
+        kept = [r for r in rows if (r.get("question"), r.get("scene")) not in asked]
+        self.dropped_as_report = len(rows) - len(kept)
+        if not kept:
+            raise ValueError("data: every training row is also a report row; use another seed or split")
+        return kept
 
     def _report_rows(self) -> list[dict[str, Any]]:
         if not hasattr(self, "_rows"):
@@ -393,8 +420,13 @@ class VLMGRPORecipeTrainer:
         names = [f.__name__ for f in self.functions]
         keys = ["reward", *(f"rewards/{n}" for n in names), "kl", "completions/mean_length",
                 "frac_reward_zero_std", "dynamic_sampling/zero_spread_groups"]
+        from mmalign.eval.generator import mean_ci
+
+        paired = {k: mean_ci(after.scores[k] - before.scores[k]) for k in before.scores if k in after.scores}
         extra = {
+            "paired_change": paired,  # the same questions before and after: mean and 95% CI of the differences
             "model": cfg.model, "steps": self.trainer.state.global_step, "report_rows": len(rows),
+            "train_rows_dropped_as_report_rows": getattr(self, "dropped_as_report", 0),
             "train": getattr(self, "train_metrics", {}),
             "grpo": {k: v for k, v in cfg.grpo_kwargs().items() if isinstance(v, (int, float, str, bool, type(None)))},
         }

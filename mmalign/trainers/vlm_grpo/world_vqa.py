@@ -3,13 +3,15 @@
 ``world_vqa_dataset`` yields what TRL's ``GRPOTrainer`` expects of a vision-language dataset: a
 conversational ``prompt`` (the question as the user turn; TRL puts the image in front of it), an ``image``
 column (PIL) or, with ``frames``, a ``video`` column (a list of PIL frames: the scene rendered with fresh
-jitter each frame), and the gold data that rewards read from the metadata: ``answer``, ``kind``, and for
-grounding ``box`` with ``image_size``. ``WorldAnswerAccuracy`` grades completions exactly as
-``mmalign.world.questions.score`` does, from those columns.
+jitter each frame), and the gold data that rewards read from the metadata: ``answer``, ``kind``, for
+grounding ``box`` with ``image_size``, and the ``scene`` (JSON) the question is about.
+``WorldAnswerAccuracy`` grades completions exactly as ``mmalign.world.questions.score`` does, from those
+columns.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -60,7 +62,10 @@ def world_vqa_rows(
     rows = []
     for q in questions:
         text = q.text if instruction is None else f"{q.text} {instruction}"
-        row: dict[str, Any] = {"prompt": [{"role": "user", "content": text}], "question": q.text, "kind": q.kind}
+        row: dict[str, Any] = {
+            "prompt": [{"role": "user", "content": text}], "question": q.text, "kind": q.kind,
+            "scene": json.dumps(q.scene.to_dict(), sort_keys=True),
+        }
         if frames is None:
             row["image"] = _pil(render(q.scene, size, jitter, rng))
         else:

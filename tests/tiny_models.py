@@ -73,3 +73,46 @@ def make_tiny_vlm(seed: int = 0, hidden_size: int = 32):
         bos_token_id=tokenizer.pad_token_id,
     )
     return model, build_processor(tokenizer, recipe.patch_size)
+
+
+def make_tiny_qwen25_vl(seed: int = 0):
+    """A random Qwen2.5-VL (window-attention vision tower, ``second_per_grid_ts`` for videos) with the world's
+    tokenizer and a 32 px processor: ``(model, processor)``, built in memory."""
+    from transformers import (
+        GenerationConfig,
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    tokenizer = copy.deepcopy(_world_tokenizer())
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.all_special_tokens}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=-(-len(tokenizer) // 64) * 64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+            bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+        ),
+        vision_config=dict(depth=1, hidden_size=16, out_hidden_size=32, intermediate_size=32, num_heads=1,
+                           patch_size=4, spatial_merge_size=2, temporal_patch_size=2, window_size=16,
+                           fullatt_block_indexes=[0]),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config = GenerationConfig(
+        eos_token_id=[tokenizer.eos_token_id, tokenizer.pad_token_id], pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.pad_token_id,
+    )
+    pixels = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32}
+    grid = {"patch_size": 4, "temporal_patch_size": 2, "merge_size": 2}
+    processor = Qwen2_5_VLProcessor(
+        image_processor=Qwen2VLImageProcessor(size=pixels, **grid),
+        video_processor=Qwen2VLVideoProcessor(size=pixels, **grid),
+        tokenizer=tokenizer, chat_template=tokenizer.chat_template,
+    )
+    return model, processor

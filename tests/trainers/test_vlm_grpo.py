@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import make_tiny_vlm
+from tiny_models import make_tiny_qwen25_vl, make_tiny_vlm
 
 from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
@@ -166,14 +166,17 @@ def test_video_rows_put_the_frames_in_the_user_turn():
         with_video_part({**row, "prompt": "text"})
 
 
-def test_video_log_probs_match_a_direct_forward_pass(tmp_path):
-    model, processor = make_tiny_vlm(seed=2)
+@pytest.mark.parametrize("family", ["qwen2-vl", "qwen2.5-vl"])
+def test_video_log_probs_match_a_direct_forward_pass(tmp_path, family):
+    model, processor = make_tiny_vlm(seed=2) if family == "qwen2-vl" else make_tiny_qwen25_vl(seed=2)
     rows = world_vqa_rows(2, frames=4, seed=0)
     trainer = VLMGRPOTrainer(model, [RewardFunction(Spread())], _args(tmp_path, beta=0.1),
                              processing_class=processor, train_dataset=Dataset.from_list(rows))
     prompts = [with_video_part(r)["prompt"] for r in rows]
     prompt_ids, images, fields = trainer._tokenize_prompts(prompts)
     assert images is None and fields["video_grid_thw"].tolist() == [[2, 8, 8], [2, 8, 8]]  # 4 frames, 2 per patch
+    if family == "qwen2.5-vl":  # seconds per temporal patch, which Qwen2.5-VL's M-RoPE reads, travel per row
+        assert "second_per_grid_ts" in trainer._video[0]
     completion = processor.tokenizer("<answer>red</answer>", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([prompt_ids[0] + completion])
     trainer._video = trainer._video[:1]  # the first row only
@@ -192,13 +195,14 @@ def test_video_log_probs_match_a_direct_forward_pass(tmp_path):
     assert torch.allclose(logps[0], expected, atol=1e-5), (logps[0], expected)
 
 
-def test_a_few_steps_on_video_rows(tmp_path):
-    model, processor = make_tiny_vlm(seed=0)
+@pytest.mark.parametrize(("family", "frames"), [("qwen2-vl", 2), ("qwen2.5-vl", 4), ("qwen2.5-vl", None)])
+def test_a_few_steps_on_video_or_image_rows(tmp_path, family, frames):
+    model, processor = make_tiny_vlm(seed=0) if family == "qwen2-vl" else make_tiny_qwen25_vl(seed=0)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     functions, weights = _length_rewards()
     trainer = VLMGRPOTrainer(
         model, functions, _args(tmp_path, beta=0.1, reward_weights=weights, steps_per_generation=2),
-        train_dataset=Dataset.from_list(world_vqa_rows(8, frames=2, seed=0)), processing_class=processor,
+        train_dataset=Dataset.from_list(world_vqa_rows(8, frames=frames, seed=0)), processing_class=processor,
         dynamic_sampling_rounds=1,
     )
     trainer.train()

@@ -25,6 +25,7 @@ from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
 
 __all__ = [
+    "RuleReward",
     "AnswerAccuracy",
     "BoxIoU",
     "StrictFormat",
@@ -241,7 +242,7 @@ def length_penalty(length: int, target: int, limit: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------- rewards
-class _RuleReward(Reward):
+class RuleReward(Reward):
     """Loops over completions; ``score_one`` returns ``{"score": …, other components…}`` for one sample."""
 
     scope = "sample"
@@ -275,7 +276,7 @@ def _gold(meta: Mapping[str, Any], key: str) -> Any:
     return meta[key]
 
 
-class AnswerAccuracy(_RuleReward):
+class AnswerAccuracy(RuleReward):
     """1 when the completion's answer matches ``metadata["answer"]``, else 0 (exact, normalized, numeric, choice)."""
 
     name = "answer_accuracy"
@@ -298,7 +299,7 @@ class AnswerAccuracy(_RuleReward):
         }
 
 
-class BoxIoU(_RuleReward):
+class BoxIoU(RuleReward):
     """IoU of the answer's box with ``metadata["box"]``, rescaled from ``processor_size`` to ``image_size``.
 
     With ``threshold`` the score is 1 when IoU ≥ threshold, else 0, and the IoU is kept as component ``iou``.
@@ -325,7 +326,7 @@ class BoxIoU(_RuleReward):
         return {"score": float(iou >= self.threshold), "iou": iou}
 
 
-class StrictFormat(_RuleReward):
+class StrictFormat(RuleReward):
     """1 for ``<think>…</think><answer>…</answer>`` exactly (``think=False``: ``<answer>…</answer>``), else 0."""
 
     name = "format"
@@ -338,7 +339,7 @@ class StrictFormat(_RuleReward):
         return {"score": float(format_ok(completion, self.think))}
 
 
-class LengthPenalty(_RuleReward):
+class LengthPenalty(RuleReward):
     """0 up to ``target`` words (or characters), linearly down to −1 at ``limit`` (default 2·target)."""
 
     name = "length_penalty"

@@ -18,9 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mmalign.media import MediaBatch
-from mmalign.rewards.base import Reward, RewardOutput
-from mmalign.rewards.rules import answer_matches, box_iou, extract_answer, parse_box, rescale_box
+from mmalign.rewards.rules import RuleReward, answer_matches, box_iou, extract_answer, parse_box, rescale_box
 
 __all__ = ["WorldAnswerAccuracy", "world_vqa_dataset", "world_vqa_rows"]
 
@@ -102,7 +100,7 @@ def world_vqa_dataset(
     return Dataset.from_list(world_vqa_rows(n, split, seed, kinds, jitter, size, frames, instruction))
 
 
-class WorldAnswerAccuracy(Reward):
+class WorldAnswerAccuracy(RuleReward):
     """1 when a completion answers its world question: grounding by IoU ≥ 0.5 with ``box``, counts as numbers,
     everything else by normalised text; as ``mmalign.world.questions.score``.
 
@@ -119,7 +117,7 @@ class WorldAnswerAccuracy(Reward):
             raise ValueError(f"iou_threshold: expected a number in (0, 1], got {iou_threshold!r}")
         self.iou_threshold = float(iou_threshold)
 
-    def score_one(self, completion: str, meta: Mapping[str, Any]) -> tuple[float, float]:
+    def score_one(self, completion: str, meta: Mapping[str, Any]) -> dict[str, float]:
         answer = extract_answer(completion)
         kind = meta.get("kind")
         if kind == "grounding" or (kind is None and meta.get("box") is not None):
@@ -130,20 +128,8 @@ class WorldAnswerAccuracy(Reward):
             if box is not None and meta.get("processor_size") is not None:
                 box = rescale_box(box, meta["processor_size"], meta["image_size"])
             iou = 0.0 if box is None else box_iou(box, tuple(float(v) for v in gold))
-            return float(iou >= self.iou_threshold), iou
+            return {"score": float(iou >= self.iou_threshold), "iou": iou}
         if "answer" not in meta:
             raise ValueError(f"answer: expected the gold 'answer' in the sample's metadata, found keys {sorted(meta)}")
         mode = "numeric" if kind == "count" else "normalized"
-        return float(answer_matches(answer, meta["answer"], mode)), float("nan")
-
-    def forward(self, batch: MediaBatch) -> RewardOutput:
-        if batch.completions is None:
-            raise ValueError(f"completions: {self.name} scores VLM text, expected batch.completions, got None")
-        rows = []
-        for i, (completion, meta) in enumerate(zip(batch.completions, batch.metadata)):
-            try:
-                rows.append(self.score_one(completion, meta))
-            except ValueError as err:
-                raise ValueError(f"metadata[{i}]: {err}") from err
-        values = torch.tensor(rows, dtype=torch.float32, device=batch.device).reshape(-1, 2)
-        return RewardOutput(values[:, 0], {"iou": values[:, 1]})
+        return {"score": float(answer_matches(answer, meta["answer"], mode)), "iou": float("nan")}

@@ -101,13 +101,10 @@ def _verdict(result) -> str:
 
 
 def _cmd_build(args: argparse.Namespace) -> int:
-    import torch
-
     from mmalign.world.build import build
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    report = build(args.only, args.out, args.steps, args.eval_prompts, progress=not args.quiet)
+    report = build(args.only, args.out, args.steps, args.eval_prompts, progress=not args.quiet,
+                   parallel=not args.sequential, threads=args.threads)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -172,7 +169,11 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     build.add_argument("--only", choices=("generator", "proxy", "vlm"))
     build.add_argument("--out", help="folder for pipeline/, proxy/ and vlm/ (default: the package's assets)")
     build.add_argument("--steps", type=int, help="override every stage's steps (smoke tests)")
-    build.add_argument("--threads", type=int, help="torch threads (default: torch's own choice; the VLM uses 1)")
+    build.add_argument("--threads", type=int,
+                       help="torch threads per process (default: the CPUs over the processes; the VLM uses 1)")
+    build.add_argument("--sequential", action="store_true",
+                       help="build the models one after another in one process (default: the generator here, "
+                            "the proxy and VLM in a second process)")
     build.add_argument("--eval-prompts", type=int, default=96,
                        help="prompts per split to evaluate the generator and proxy on; 0 skips")
     build.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -4,11 +4,13 @@ results loaded back through the ecosystem's own loaders."""
 from __future__ import annotations
 
 import json
+import os
 import random
 
 import pytest
 import torch
 
+from mmalign.world.build import MODELS
 from mmalign.world.captions import prompt_set, vocabulary
 from mmalign.world.generator import MAX_TOKENS, GeneratorRecipe, build_generator
 from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy
@@ -102,7 +104,8 @@ def test_build_swaps_in_and_reports(tmp_path):
     report = build("proxy", tmp_path, steps=1, evaluate_prompts=0, progress=False)
     assert not (tmp_path / "proxy" / "stale.txt").exists()
     assert (tmp_path / "proxy" / "open_clip_model.safetensors").is_file()
-    assert set(report["seconds"]) == {"proxy"} and report["sizes_bytes"]["proxy"] > 0
+    assert report["processes"] == 1 and set(report["cpu_seconds"]) == {"proxy"}
+    assert report["seconds"]["proxy"] <= report["seconds"]["wall"] and report["sizes_bytes"]["proxy"] > 0
     assert json.loads((tmp_path / "build_report.json").read_text())["recipes"]["proxy"]["steps"] == 1
     with pytest.raises(ValueError, match="only"):
         build("vae", tmp_path)
@@ -122,5 +125,23 @@ def test_vlm_build_swaps_in_and_leaves_the_report_alone(tmp_path, monkeypatch):
     (tmp_path / "build_report.json").write_text('{"seconds": {"generator": 1.0}}')
     report = build_module.build("vlm", tmp_path, steps=3, progress=False)
     assert sorted(p.name for p in (tmp_path / "vlm").iterdir()) == ["config.json"]
-    assert report["vlm"] == {"steps": 3} and set(report["seconds"]) == {"vlm"}
+    assert report["vlm"] == {"steps": 3} and set(report["seconds"]) == {"vlm", "wall"}
     assert (tmp_path / "build_report.json").read_text() == '{"seconds": {"generator": 1.0}}'
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="a parallel build needs two CPUs")
+def test_parallel_build_matches_a_build_here(tmp_path):
+    """All three models in two processes: the worker's proxy is the one a one-thread build here makes."""
+    from safetensors.torch import load_file
+
+    from mmalign.world.build import build
+
+    report = build(None, tmp_path / "parallel", steps=1, evaluate_prompts=0, progress=False)
+    assert report["processes"] == 2 and report["threads"] == 1
+    assert 0 <= report.get("cpu_steal_fraction", 0) <= 1
+    assert set(report["cpu_seconds"]) == set(MODELS) and all(v > 0 for v in report["cpu_seconds"].values())
+    assert all((tmp_path / "parallel" / folder).is_dir() for folder in MODELS.values())
+    build("proxy", tmp_path / "here", steps=1, evaluate_prompts=0, progress=False, threads=1)
+    weights = [load_file(tmp_path / d / "proxy" / "open_clip_model.safetensors") for d in ("parallel", "here")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -39,7 +39,6 @@ __all__ = [
 MEDIA_COLUMNS = ("image", "images", "video")
 # Keyword arguments TRL adds to every reward call besides the dataset columns.
 _TRL_KWARGS = ("completion_ids", "trainer_state", "log_extra", "log_metric", "environments")
-_WORLD_REWARDS = {"world_accuracy": "mmalign.trainers.vlm_grpo.world_vqa:WorldAnswerAccuracy"}
 
 RewardSpec = str | Mapping[str, Any]
 AggregateMode = Literal["mean", "uwo", "wco"]
@@ -222,18 +221,10 @@ class RewardFunction:
 
 # ----------------------------------------------------------------------------------------- builders
 def build_reward(spec: Reward | RewardSpec) -> Reward:
-    """A reward from a spec; the world's VQA accuracy (``world_accuracy``) is known here too."""
+    """A reward from a spec (a built ``Reward`` passes through)."""
     from mmalign.rewards import registry
 
-    if isinstance(spec, Reward):
-        return spec
-    name = spec if isinstance(spec, str) else spec.get("name") if isinstance(spec, Mapping) else None
-    if name in _WORLD_REWARDS:
-        try:
-            registry.resolve(name)
-        except ValueError:
-            registry.register(name, _WORLD_REWARDS[name])
-    return registry.build(spec)
+    return spec if isinstance(spec, Reward) else registry.build(spec)
 
 
 def ensemble_function(

@@ -5,22 +5,19 @@ conversational ``prompt`` (the question as the user turn; TRL puts the image in 
 column (PIL) or, with ``frames``, a ``video`` column (a list of PIL frames: the scene rendered with fresh
 jitter each frame), and the gold data that rewards read from the metadata: ``answer``, ``kind``, for
 grounding ``box`` with ``image_size``, and the ``scene`` (JSON) the question is about.
-``WorldAnswerAccuracy`` grades completions exactly as ``mmalign.world.questions.score`` does, from those
-columns.
+The reward ``world_accuracy`` (``mmalign.world.answer_reward``) grades completions from those columns.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from mmalign.rewards.rules import RuleReward, answer_matches, box_iou, extract_answer, parse_box, rescale_box
-
-__all__ = ["WorldAnswerAccuracy", "world_vqa_dataset", "world_vqa_rows"]
+__all__ = ["world_vqa_dataset", "world_vqa_rows"]
 
 
 def _pil(pixels: torch.Tensor):
@@ -98,38 +95,3 @@ def world_vqa_dataset(
     from datasets import Dataset
 
     return Dataset.from_list(world_vqa_rows(n, split, seed, kinds, jitter, size, frames, instruction))
-
-
-class WorldAnswerAccuracy(RuleReward):
-    """1 when a completion answers its world question: grounding by IoU ≥ 0.5 with ``box``, counts as numbers,
-    everything else by normalised text; as ``mmalign.world.questions.score``.
-
-    Reads ``answer``, ``kind`` and for grounding ``box`` (with ``processor_size`` and ``image_size`` when the
-    model saw a resized image) from the metadata. Component ``iou``: the IoU of grounding answers (NaN for
-    other kinds).
-    """
-
-    name = "world_accuracy"
-
-    def __init__(self, iou_threshold: float = 0.5) -> None:
-        super().__init__()
-        if not 0 < iou_threshold <= 1:
-            raise ValueError(f"iou_threshold: expected a number in (0, 1], got {iou_threshold!r}")
-        self.iou_threshold = float(iou_threshold)
-
-    def score_one(self, completion: str, meta: Mapping[str, Any]) -> dict[str, float]:
-        answer = extract_answer(completion)
-        kind = meta.get("kind")
-        if kind == "grounding" or (kind is None and meta.get("box") is not None):
-            gold = meta.get("box")
-            if gold is None:
-                raise ValueError(f"box: expected the gold box of a grounding question, found keys {sorted(meta)}")
-            box = None if answer is None else parse_box(answer)
-            if box is not None and meta.get("processor_size") is not None:
-                box = rescale_box(box, meta["processor_size"], meta["image_size"])
-            iou = 0.0 if box is None else box_iou(box, tuple(float(v) for v in gold))
-            return {"score": float(iou >= self.iou_threshold), "iou": iou}
-        if "answer" not in meta:
-            raise ValueError(f"answer: expected the gold 'answer' in the sample's metadata, found keys {sorted(meta)}")
-        mode = "numeric" if kind == "count" else "normalized"
-        return {"score": float(answer_matches(answer, meta["answer"], mode)), "iou": float("nan")}

@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (the largest k)")
     parser.add_argument("--reward", action="append", help="reward name or JSON spec (default: the proxy)")
     parser.add_argument("--recipe", default="shapes-prdp", help="PRDP recipe whose sampler is used")
-    parser.add_argument("--seed", type=int, default=3)
+    parser.add_argument("--prompt-seed", type=int, default=7, help="seed of the held-out prompt set")
+    parser.add_argument("--seed", type=int, default=3, help="noise seed")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--out", help="write the table as JSON here")
     args = parser.parse_args(argv)
@@ -62,13 +63,14 @@ def main(argv: list[str] | None = None) -> dict:
     from mmalign.trainers.sampler import DDIMPolicy
 
     recipe = load_recipe(args.recipe)
-    specs = [json.loads(r) if r.lstrip().startswith("{") else r for r in args.reward or [{"name": "proxy", "scale": 1.0}]]
+    given = args.reward or ['{"name": "proxy", "scale": 1.0}']
+    specs = [json.loads(r) if r.lstrip().startswith("{") else r for r in given]
     rewards = {(s if isinstance(s, str) else s["name"]): build(s) for s in specs}
     gold_reward = build("gold")
     pipe = load_sd_pipeline(recipe.pipeline)
     adapter = StableDiffusionAdapter(pipe, recipe.guidance_scale)
     policy = DDIMPolicy(pipe.scheduler.config, recipe.num_steps, recipe.eta)
-    prompts = load_prompts(PromptSource(world="heldout", n=args.prompts, seed=args.seed))
+    prompts = load_prompts(PromptSource(world="heldout", n=args.prompts, seed=args.prompt_seed))
     texts = [t for t, _ in prompts for _ in range(args.samples)]
     metadata = [{**m, "group": g} for g, (_, m) in enumerate(prompts) for _ in range(args.samples)]
 

@@ -5,8 +5,10 @@ and swaps it in only once it is complete (an interrupted build never leaves half
 generator or proxy was built it writes ``build_report.json``: build times, machine load, model sizes, the
 generator's gold score per attribute type on train and held-out prompts, and the proxy's agreement with gold
 on the generator's images. The VLM's own report (accuracy per question kind, judge AUROC) travels inside its
-folder, so that ``--only vlm`` leaves the generator's and proxy's report as it was. CPU seconds are reported
-beside wall seconds: on a shared machine they tell what the build costs apart from the load.
+folder, so that ``--only vlm`` leaves the generator's and proxy's report as it was. A full build runs the
+generator in this process and the proxy, then the VLM, in a second one. CPU seconds and the virtual machine's
+CPU steal are reported beside wall seconds: on a shared machine they tell what the build costs apart from the
+load.
 """
 
 from __future__ import annotations

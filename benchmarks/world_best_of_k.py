@@ -14,30 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
-
-
-def best_of_k(picker: torch.Tensor, gold: torch.Tensor, k: int) -> float:
-    """Mean gold of each row's sample with the highest ``picker`` score among its first ``k``."""
-    choice = picker[:, :k].argmax(1, keepdim=True)
-    return float(gold[:, :k].gather(1, choice).mean())
-
-
-def within_prompt_agreement(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:
-    """Pairwise accuracy over same-prompt pairs whose gold differs (ties in ``scores`` count a half), and the
-    correlation of the prompt-centred scores."""
-    i, j = torch.triu_indices(scores.shape[1], scores.shape[1], 1)
-    dg, ds = gold[:, i] - gold[:, j], scores[:, i] - scores[:, j]
-    decided = dg != 0
-    right = ((dg > 0) == (ds > 0)) & (ds != 0)
-    accuracy = (right.float() + 0.5 * (ds == 0).float())[decided].mean()
-    centred = torch.stack([(x - x.mean(1, keepdim=True)).flatten() for x in (scores, gold)])
-    return {"pairwise_accuracy": float(accuracy), "pairs": int(decided.sum()),
-            "correlation": float(torch.corrcoef(centred)[0, 1])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--samples: expected ≥ 2 and --prompts ≥ 1, got {args.samples} and {args.prompts}")
 
     from mmalign.config import load_recipe
+    from mmalign.eval.best_of_k import best_of_k_table
     from mmalign.models.stable_diffusion import StableDiffusionAdapter
     from mmalign.rewards import build
     from mmalign.trainers.prdp import load_sd_pipeline
@@ -85,14 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
             for name, reward in rewards.items():
                 scores[name].append(reward(batch).scores.float())
     table = {name: torch.cat(v).view(args.prompts, args.samples) for name, v in scores.items()}
-    gold = table["gold"]
-    ks = [k for k in (2**i for i in range(1, 8)) if k <= args.samples]
-    result: dict = {"prompts": args.prompts, "samples": args.samples, "gold_mean": float(gold.mean()),
-                    "kl_nats": {k: round(math.log(k) - (k - 1) / k, 3) for k in ks}, "best_of_k": {}}
-    for name, values in table.items():
-        result["best_of_k"][name] = {k: round(best_of_k(values, gold, k), 4) for k in ks}
-        if name != "gold":
-            result[name] = within_prompt_agreement(values, gold)
+    result = best_of_k_table({n: v for n, v in table.items() if n != "gold"}, table["gold"])
+    ks = list(result["kl_nats"])
     result["seconds"] = round(time.perf_counter() - start, 1)
 
     print(f"{args.prompts} held-out prompts x {args.samples} samples; mean gold {result['gold_mean']:.3f}")

@@ -36,6 +36,7 @@ _BUILTIN: dict[str, str] = {
     "uncertainty_weighted": "mmalign.rewards.ensemble:UncertaintyWeighted",
     "gold": "mmalign.world.gold:GoldReward",
     "proxy": "mmalign.world.proxy_reward:ProxyScore",
+    "preference_proxy": "mmalign.world.proxy_reward:PreferenceProxyScore",
     "world_accuracy": "mmalign.world.answer_reward:WorldAnswerAccuracy",
 }
 _SESSION: dict[str, str | type] = {}

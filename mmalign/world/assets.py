@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ASSETS_DIR", "SAMPLER", "pipeline_path", "proxy_path", "load_pipeline", "load_proxy", "generate"]
+__all__ = ["ASSETS_DIR", "SAMPLER", "pipeline_path", "proxy_path", "preference_path", "load_pipeline", "load_proxy", "generate"]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 #: Sampler settings of the shipped pipeline's reported gold scores (DDIM, its scheduler as saved).
@@ -37,6 +37,11 @@ def pipeline_path() -> str:
 def proxy_path() -> str:
     """Folder of the shipped OpenCLIP proxy reward (``open_clip_config.json`` + safetensors + tokenizer)."""
     return _folder("proxy", "open_clip_config.json", "proxy")
+
+
+def preference_path() -> str:
+    """Folder of the shipped preference proxy (the proxy's layout, weights fine-tuned on comparisons)."""
+    return _folder("preference", "open_clip_config.json", "preference")
 
 
 def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | None = None):
@@ -64,8 +69,10 @@ def generate(
     seed: int = 0,
     num_inference_steps: int | None = None,
     guidance_scale: float | None = None,
+    eta: float = 0.0,
 ) -> torch.Tensor:
-    """``(B, 3, H, W)`` images in [0, 1], one per prompt, from one seeded generator (``SAMPLER`` defaults)."""
+    """``(B, 3, H, W)`` images in [0, 1], one per prompt, from one seeded generator (``SAMPLER`` defaults;
+    ``eta`` > 0 makes the DDIM steps stochastic, as the PRDP policy samples)."""
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
     out = pipe(
@@ -73,6 +80,7 @@ def generate(
         num_inference_steps=int(num_inference_steps or SAMPLER["num_inference_steps"]),
         guidance_scale=float(SAMPLER["guidance_scale"] if guidance_scale is None else guidance_scale),
         generator=torch.Generator(device="cpu").manual_seed(seed),
+        eta=eta,
         output_type="pt",
     )
     return out.images.float().clamp(0, 1).cpu()

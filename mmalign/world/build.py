@@ -1,12 +1,15 @@
 """Rebuild the shipped world models from their fixed seeds and measure them against the gold verifier.
 
-``build()`` trains the generator, the proxy and/or the VLM, each into a temporary folder beside its target,
+``build()`` trains the generator, the proxy, the preference proxy and/or the VLM, each into a temporary folder
+beside its target,
 and swaps it in only once it is complete (an interrupted build never leaves half a model behind). When the
 generator or proxy was built it writes ``build_report.json``: build times, machine load, model sizes, the
 generator's gold score per attribute type on train and held-out prompts, and the proxy's agreement with gold
 on the generator's images. The VLM's own report (accuracy per question kind, judge AUROC) travels inside its
-folder, so that ``--only vlm`` leaves the generator's and proxy's report as it was. A full build runs the
-generator in this process and the proxy, then the VLM, in a second one. CPU seconds and the virtual machine's
+folder, and so does the preference proxy's (its agreement with gold on held-out prompts beside the proxy's),
+so that ``--only vlm`` or ``--only preference`` leaves the generator's and proxy's report as it was. A full build
+runs the generator in this process and the proxy, then the VLM, in a second one; the preference proxy, which
+is sampled from the generator and fine-tuned from the proxy, is built here once both are done. CPU seconds and the virtual machine's
 CPU steal are reported beside wall seconds: on a shared machine they tell what the build costs apart from the
 load.
 """
@@ -29,6 +32,7 @@ import torch
 from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.generator import GeneratorRecipe, build_generator
+from mmalign.world.preference import PreferenceRecipe, build_preference
 from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy, proxy_scores
 from mmalign.world.verify import verify_batch
 from mmalign.world.vlm import build_vlm
@@ -36,7 +40,7 @@ from mmalign.world.vlm import build_vlm
 __all__ = ["MODELS", "build", "evaluate", "folder_size"]
 
 #: Buildable models and the asset folder each is saved to.
-MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm"}
+MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference"}
 REPORT = "build_report.json"
 
 
@@ -58,15 +62,25 @@ def _swap_in(build_fn, target: Path):
     return result
 
 
-def _build_one(name: str, target: Path, gen_recipe: GeneratorRecipe, proxy_recipe: ProxyRecipe,
-               steps: int | None, progress: bool, threads: int | None = None) -> tuple:
+def _sibling(target: Path, name: str) -> Path | None:
+    """The folder of model ``name`` beside ``target`` when this build's output has one, else None (shipped)."""
+    folder = target.parent / MODELS[name]
+    return folder if folder.is_dir() else None
+
+
+def _build_one(name: str, target: Path, recipes: dict, steps: int | None, progress: bool,
+               threads: int | None = None) -> tuple:
     """Build model ``name`` into ``target`` (here or in a worker process); returns (result, wall s, CPU s)."""
     if threads is not None:
         torch.set_num_threads(threads)
     builders = {
-        "generator": lambda folder: build_generator(folder, gen_recipe, progress),
-        "proxy": lambda folder: build_proxy(folder, proxy_recipe, progress),
+        "generator": lambda folder: build_generator(folder, recipes["generator"], progress),
+        "proxy": lambda folder: build_proxy(folder, recipes["proxy"], progress),
         "vlm": lambda folder: build_vlm(folder, steps, progress=progress),
+        "preference": lambda folder: build_preference(
+            folder, recipes["preference"], _sibling(target, "generator"), _sibling(target, "proxy"), progress,
+            evaluate_prompts=64 if steps is None else 2,
+        ),
     }
     start, cpu = time.perf_counter(), time.process_time()
     result = _swap_in(builders[name], target)
@@ -121,31 +135,39 @@ def build(
         torch.set_num_threads(threads or cpus // processes)
     report: dict = {"load_average_start": os.getloadavg(), "processes": processes,
                     "threads": torch.get_num_threads(), "seconds": {}, "cpu_seconds": {}}
-    gen_recipe, proxy_recipe = GeneratorRecipe(), ProxyRecipe()
+    recipes = {"generator": GeneratorRecipe(), "proxy": ProxyRecipe(), "preference": PreferenceRecipe()}
     if steps is not None:
-        gen_recipe = replace(gen_recipe, vae_steps=steps, unet_steps=steps, warmup=1,
-                             scenes=min(gen_recipe.scenes, steps * gen_recipe.unet_batch))
-        proxy_recipe = replace(proxy_recipe, steps=steps, scenes=min(proxy_recipe.scenes, steps * proxy_recipe.batch))
-    job = (gen_recipe, proxy_recipe, steps, progress)
+        gen, proxy = recipes["generator"], recipes["proxy"]
+        recipes["generator"] = replace(gen, vae_steps=steps, unet_steps=steps, warmup=1,
+                                       scenes=min(gen.scenes, steps * gen.unet_batch))
+        recipes["proxy"] = replace(proxy, steps=steps, scenes=min(proxy.scenes, steps * proxy.batch))
+        recipes["preference"] = replace(recipes["preference"], steps=steps, prompts=2, samples_per_prompt=2,
+                                        num_inference_steps=2, prompts_per_step=2)
+    job = (recipes, steps, progress)
     start, ticks = time.perf_counter(), _cpu_ticks()
-    pair_names = [n for n in names if n != "vlm"]
+    pair_names = [n for n in names if n in ("generator", "proxy")]
     with ExitStack() as stack:
-        if processes > 1:
+        if processes > 1:  # the preference proxy is built from the other two: here, once they are done
             pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
-            results = {n: pool.submit(_build_one, n, out / MODELS[n], *job, report["threads"]) for n in names[1:]}
+            results = {n: pool.submit(_build_one, n, out / MODELS[n], *job, report["threads"])
+                       for n in names[1:] if n != "preference"}
             results[names[0]] = _build_one(names[0], out / MODELS[names[0]], *job)
         else:
             results = {n: _build_one(n, out / MODELS[n], *job) for n in pair_names}
         for name in pair_names:
             _, report["seconds"][name], report["cpu_seconds"][name] = _outcome(results[name])
         if pair_names:
-            report["recipes"] = {"generator": vars(gen_recipe), "proxy": vars(proxy_recipe)}
+            report["recipes"] = {n: vars(recipes[n]) for n in ("generator", "proxy")}
             pair = [out / MODELS["generator"], out / MODELS["proxy"]]
             if evaluate_prompts and all(f.is_dir() for f in pair):
                 evaluation_start = time.perf_counter()
                 report["evaluation"] = evaluate(*pair, evaluate_prompts, progress=progress)
                 report["seconds"]["evaluation"] = round(time.perf_counter() - evaluation_start, 1)
             report["seconds"]["generator_proxy_and_evaluation_wall"] = round(time.perf_counter() - start, 1)
+        if "preference" in names:
+            report["preference"], report["seconds"]["preference"], report["cpu_seconds"]["preference"] = (
+                _build_one("preference", out / MODELS["preference"], *job)
+            )
         if "vlm" in names:
             outcome = _outcome(results["vlm"]) if "vlm" in results else _build_one("vlm", out / MODELS["vlm"], *job)
             report["vlm"], report["seconds"]["vlm"], report["cpu_seconds"]["vlm"] = outcome

@@ -166,7 +166,7 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
 
     build = sub.add_parser("build", help="rebuild the shipped generator, proxy and VLM from fixed seeds",
                            description="Train the tiny models and report gold scores (docs/world.md).")
-    build.add_argument("--only", choices=("generator", "proxy", "vlm"))
+    build.add_argument("--only", choices=("generator", "proxy", "preference", "vlm"))
     build.add_argument("--out", help="folder for pipeline/, proxy/ and vlm/ (default: the package's assets)")
     build.add_argument("--steps", type=int, help="override every stage's steps (smoke tests)")
     build.add_argument("--threads", type=int,

@@ -45,7 +45,7 @@ def test_shipped_tokenizers_hold_the_grammar(pipe, proxy):
 
 def test_sizes_fit_the_budget():
     sizes = {name: sum(f.stat().st_size for f in (assets.ASSETS_DIR / name).rglob("*") if f.is_file())
-             for name in ("pipeline", "proxy")}
+             for name in ("pipeline", "proxy", "preference")}
     assert all(size <= 10 * MB for size in sizes.values()), sizes
     total = sum(f.stat().st_size for f in assets.ASSETS_DIR.rglob("*") if f.is_file())
     assert total <= 30 * MB, total

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "world_best_of_k.py"
-_spec = importlib.util.spec_from_file_location("world_best_of_k", _PATH)
-probe = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(probe)
+from mmalign.eval import best_of_k as probe
 
 GOLD = torch.tensor([[0.2, 0.8, 0.4, 0.0], [1.0, 0.5, 0.5, 0.0]])
 PICKER = torch.tensor([[0.1, 0.3, 0.9, 0.2], [0.2, 0.2, 0.1, 0.7]])

@@ -7,7 +7,7 @@ ceiling) and the plain mean; also the within-prompt pairwise agreement and corre
 costs about log k − (k−1)/k nats of KL, so it bounds what a KL-regularised trainer on that reward can reach at
 that budget: run it before tuning a trainer against a reward.
 
-    python benchmarks/world_best_of_k.py --prompts 48 --samples 8 --reward proxy
+    python benchmarks/world_best_of_k.py --prompts 48 --samples 8 --reward proxy --reward preference_proxy
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--prompts", type=int, default=48, help="held-out prompts")
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (the largest k)")
-    parser.add_argument("--reward", action="append", help="reward name or JSON spec (default: the proxy)")
+    parser.add_argument("--reward", action="append", help="reward name or JSON spec (default: both world proxies)")
     parser.add_argument("--recipe", default="shapes-prdp", help="PRDP recipe whose sampler is used")
     parser.add_argument("--prompt-seed", type=int, default=7, help="seed of the held-out prompt set")
     parser.add_argument("--seed", type=int, default=3, help="noise seed")
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmalign.trainers.sampler import DDIMPolicy
 
     recipe = load_recipe(args.recipe)
-    given = args.reward or ['{"name": "proxy", "scale": 1.0}']
+    given = args.reward or ['{"name": "proxy", "scale": 1.0}', '{"name": "preference_proxy", "scale": 1.0}']
     specs = [json.loads(r) if r.lstrip().startswith("{") else r for r in given]
     rewards = {(s if isinstance(s, str) else s["name"]): build(s) for s in specs}
     gold_reward = build("gold")

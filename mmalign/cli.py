@@ -94,8 +94,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if summary:
         for name in summary["before"]:
             b, a = summary["before"][name], summary["after"][name]
+            d = summary.get("paired_change", {}).get(name)
+            change = f"  change {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else ""
             print(f"{name:>24}: {b['mean']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] -> "
-                  f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]  (n={a['n']})")
+                  f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]{change}  (n={a['n']})")
     print(f"run folder: {trainer.run_dir}  (weights: {exported})")
     return 0
 

@@ -112,6 +112,8 @@ def test_train_then_eval_generator(tmp_path, tiny_sd_factory, capsys):
     assert main(["train", str(recipe), "--quiet"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["before"]["gold"]["n"] == 4 and "gold" in summary["change"]
+    paired = summary["paired_change"]["gold"]  # same prompts and seeds: the mean of the differences is the change
+    assert paired["n"] == 4 and paired["mean"] == pytest.approx(summary["change"]["gold"])
     for name in ("grid.png", "curves.png", "metrics.jsonl", "lora/pytorch_lora_weights.safetensors"):
         assert (tmp_path / "run" / name).is_file(), name
     assert "run folder" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from mmalign.eval.generator import GeneratorEval
+from mmalign.eval.generator import GeneratorEval, mean_ci
 
 __all__ = ["plot_curves", "read_metrics", "save_grids", "write_report"]
 
@@ -75,11 +75,20 @@ def write_report(
     curve_keys: Sequence[str],
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``summary.json`` (before/after mean and 95% CI per reward), ``curves.png`` and ``grid.png`` in ``run_dir``."""
+    """``summary.json`` (before/after mean and 95% CI per reward, and the change), ``curves.png`` and ``grid.png``.
+
+    ``before`` and ``after`` score the same prompts with the same seeds (or the same questions), so
+    ``paired_change`` gives the mean and 95% CI of the per-sample differences: far narrower than the two
+    separate intervals, and the one to read when asking whether training moved a score.
+    """
     run_dir = Path(run_dir)
     summary: dict[str, Any] = {"before": before.summary(), "after": after.summary(), **(extra or {})}
     summary["change"] = {
         k: summary["after"][k]["mean"] - summary["before"][k]["mean"] for k in summary["before"] if k in summary["after"]
+    }
+    summary["paired_change"] = {
+        k: mean_ci(after.scores[k] - before.scores[k]) for k in before.scores
+        if k in after.scores and after.scores[k].shape == before.scores[k].shape
     }
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():

@@ -19,14 +19,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmalign.world.assets import generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
-from mmalign.world.proxy import _normalize
+from mmalign.world.proxy import _normalize, clip_step
 from mmalign.world.verify import verify_batch
 
 __all__ = ["Comparisons", "PreferenceRecipe", "bradley_terry_loss", "sample_comparisons", "train_preference",
@@ -118,12 +117,7 @@ def train_preference(model, tokenizer, data: Comparisons, recipe: PreferenceReci
         index = (groups[:, None] * k + torch.arange(k)).flatten()
         scores = _scaled_cosines(model, data.images[index], ids[index]).view(-1, k)
         loss = bradley_terry_loss(scores, data.gold[index].view(-1, k))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
+        clip_step(model, opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval().requires_grad_(False)
 

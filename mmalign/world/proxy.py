@@ -25,7 +25,7 @@ from mmalign.world.generator import IMAGE_SIZE, MAX_TOKENS, world_pairs
 from mmalign.world.scenes import COLOURS, SHAPES, Scene
 from mmalign.world.tokenizer import load_tokenizer, save_tokenizer
 
-__all__ = ["ProxyRecipe", "proxy_config", "train_proxy", "save_proxy", "build_proxy", "proxy_scores", "agreement"]
+__all__ = ["ProxyRecipe", "proxy_config", "train_proxy", "clip_step", "save_proxy", "build_proxy", "proxy_scores", "agreement"]
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -121,14 +121,19 @@ def train_proxy(tokenizer, images: torch.Tensor, captions: list[str], scenes: Se
         logits = model.logit_scale.exp() * image @ text.T  # (B, B) or (B, 2B): negatives only as texts
         target = torch.arange(len(idx))
         loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits[:, : len(idx)].T, target)) / 2
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, np.log(100))
+        clip_step(model, opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval().requires_grad_(False)
+
+
+def clip_step(model, opt, sched, loss: torch.Tensor) -> None:
+    """One optimiser and schedule step on ``loss``, the logit scale kept at most 100 as OpenCLIP keeps it."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    sched.step()
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, np.log(100))
 
 
 def save_proxy(folder: str | Path, model, tokenizer) -> Path:

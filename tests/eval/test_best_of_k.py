@@ -26,3 +26,12 @@ def test_within_prompt_agreement_counts_decided_pairs_and_half_ties():
     assert out["pairwise_accuracy"] == pytest.approx((4 + 0.5 + 1) / 11)
     assert -1 <= out["correlation"] <= 1
     assert probe.within_prompt_agreement(GOLD, GOLD)["pairwise_accuracy"] == 1.0
+
+
+def test_table_holds_every_reward_gold_ceiling_and_kl_cost():
+    table = probe.best_of_k_table({"picker": PICKER}, GOLD)
+    assert table["prompts"] == 2 and table["samples"] == 4 and table["gold_mean"] == pytest.approx(3.4 / 8)
+    assert table["kl_nats"] == {2: pytest.approx(0.193, abs=1e-3), 4: pytest.approx(0.636, abs=1e-3)}
+    assert table["best_of_k"]["gold"] == {2: pytest.approx(0.9), 4: pytest.approx(0.9)}
+    assert table["best_of_k"]["picker"][4] == pytest.approx(0.2)
+    assert table["picker"] == probe.within_prompt_agreement(PICKER, GOLD) and "gold" not in table

@@ -420,11 +420,7 @@ class VLMGRPORecipeTrainer:
         names = [f.__name__ for f in self.functions]
         keys = ["reward", *(f"rewards/{n}" for n in names), "kl", "completions/mean_length",
                 "frac_reward_zero_std", "dynamic_sampling/zero_spread_groups"]
-        from mmalign.eval.generator import mean_ci
-
-        paired = {k: mean_ci(after.scores[k] - before.scores[k]) for k in before.scores if k in after.scores}
         extra = {
-            "paired_change": paired,  # the same questions before and after: mean and 95% CI of the differences
             "model": cfg.model, "steps": self.trainer.state.global_step, "report_rows": len(rows),
             "train_rows_dropped_as_report_rows": getattr(self, "dropped_as_report", 0),
             "train": getattr(self, "train_metrics", {}),

@@ -164,10 +164,10 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     world = subparsers.add_parser("world", help="the shapes world: build its models, sample, render, verify")
     sub = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
 
-    build = sub.add_parser("build", help="rebuild the shipped generator, proxy and VLM from fixed seeds",
+    build = sub.add_parser("build", help="rebuild the shipped generator, proxy, preference proxy and VLM from fixed seeds",
                            description="Train the tiny models and report gold scores (docs/world.md).")
     build.add_argument("--only", choices=("generator", "proxy", "preference", "vlm"))
-    build.add_argument("--out", help="folder for pipeline/, proxy/ and vlm/ (default: the package's assets)")
+    build.add_argument("--out", help="folder for pipeline/, proxy/, preference/ and vlm/ (default: the package's assets)")
     build.add_argument("--steps", type=int, help="override every stage's steps (smoke tests)")
     build.add_argument("--threads", type=int,
                        help="torch threads per process (default: the CPUs over the processes; the VLM uses 1)")

@@ -1,16 +1,16 @@
 """Rebuild the shipped world models from their fixed seeds and measure them against the gold verifier.
 
 ``build()`` trains the generator, the proxy, the preference proxy and/or the VLM, each into a temporary folder
-beside its target,
-and swaps it in only once it is complete (an interrupted build never leaves half a model behind). When the
+beside its target, and swaps it in only once it is complete (an interrupted build never leaves half a model
+behind). When the
 generator or proxy was built it writes ``build_report.json``: build times, machine load, model sizes, the
 generator's gold score per attribute type on train and held-out prompts, and the proxy's agreement with gold
 on the generator's images. The VLM's own report (accuracy per question kind, judge AUROC) travels inside its
 folder, and so does the preference proxy's (its agreement with gold on held-out prompts beside the proxy's),
 so that ``--only vlm`` or ``--only preference`` leaves the generator's and proxy's report as it was. A full build
 runs the generator in this process and the proxy, then the VLM, in a second one; the preference proxy, which
-is sampled from the generator and fine-tuned from the proxy, is built here once both are done. CPU seconds and the virtual machine's
-CPU steal are reported beside wall seconds: on a shared machine they tell what the build costs apart from the
+is sampled from the generator and fine-tuned from the proxy, is built here once both are done. CPU seconds and
+the virtual machine's CPU steal are reported beside wall seconds: on a shared machine they tell what the build costs apart from the
 load.
 """
 

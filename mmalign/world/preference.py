@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mmalign.world.assets import generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
-from mmalign.world.proxy import _normalize, clip_step
+from mmalign.world.proxy import clip_step, paired_cosines, proxy_scores
 from mmalign.world.verify import verify_batch
 
 __all__ = ["Comparisons", "PreferenceRecipe", "bradley_terry_loss", "sample_comparisons", "train_preference",
@@ -96,12 +96,6 @@ def bradley_terry_loss(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor
     return F.softplus(-sign * (scores[:, i] - scores[:, j]))[decided].mean()
 
 
-def _scaled_cosines(model, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    image = F.normalize(model.encode_image(_normalize(images)), dim=-1)
-    text = F.normalize(model.encode_text(token_ids), dim=-1)
-    return model.logit_scale.exp() * (image * text).sum(-1)
-
-
 def train_preference(model, tokenizer, data: Comparisons, recipe: PreferenceRecipe, progress: bool = True):
     """Fine-tune an OpenCLIP ``model`` in place on ``data`` with the Bradley–Terry loss on ``logit_scale·cos``."""
     torch.manual_seed(recipe.seed)
@@ -115,7 +109,7 @@ def train_preference(model, tokenizer, data: Comparisons, recipe: PreferenceReci
     for _ in bar:
         groups = torch.randint(data.num_prompts, (recipe.prompts_per_step,), generator=gen)
         index = (groups[:, None] * k + torch.arange(k)).flatten()
-        scores = _scaled_cosines(model, data.images[index], ids[index]).view(-1, k)
+        scores = model.logit_scale.exp() * paired_cosines(model, data.images[index], ids[index]).view(-1, k)
         loss = bradley_terry_loss(scores, data.gold[index].view(-1, k))
         clip_step(model, opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -133,9 +127,7 @@ def compare_on_heldout(proxy_dirs: dict[str, str | Path], pipe, recipe: Preferen
     scores = {}
     for name, folder in proxy_dirs.items():
         model, _, tokenizer = load_proxy(path=str(folder))
-        ids = tokenizer(data.texts)
-        with torch.no_grad():
-            scores[name] = _scaled_cosines(model, data.images, ids).view(prompts, samples_per_prompt)
+        scores[name] = proxy_scores(model, tokenizer, data.images, data.texts).view(prompts, samples_per_prompt)
     return best_of_k_table(scores, data.gold.view(prompts, samples_per_prompt))
 
 

@@ -25,7 +25,8 @@ from mmalign.world.generator import IMAGE_SIZE, MAX_TOKENS, world_pairs
 from mmalign.world.scenes import COLOURS, SHAPES, Scene
 from mmalign.world.tokenizer import load_tokenizer, save_tokenizer
 
-__all__ = ["ProxyRecipe", "proxy_config", "train_proxy", "clip_step", "save_proxy", "build_proxy", "proxy_scores", "agreement"]
+__all__ = ["ProxyRecipe", "proxy_config", "train_proxy", "clip_step", "save_proxy", "build_proxy", "paired_cosines",
+           "proxy_scores", "agreement"]
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -159,12 +160,17 @@ def build_proxy(folder: str | Path, recipe: ProxyRecipe | None = None, progress:
     return save_proxy(folder, model, tokenizer)
 
 
+def paired_cosines(model, images: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` cosine of each image ``(B, 3, 32, 32)`` in [0, 1] with its own tokenized text (with autograd)."""
+    image = F.normalize(model.encode_image(_normalize(images)), dim=-1)
+    text = F.normalize(model.encode_text(token_ids), dim=-1)
+    return (image * text).sum(-1)
+
+
 @torch.no_grad()
 def proxy_scores(model, tokenizer, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """``(B,)`` cosine of each image ``(B, 3, 32, 32)`` in [0, 1] with its prompt."""
-    image = F.normalize(model.encode_image(_normalize(images)), dim=-1)
-    text = F.normalize(model.encode_text(tokenizer(list(prompts))), dim=-1)
-    return (image * text).sum(-1)
+    return paired_cosines(model, images, tokenizer(list(prompts)))
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:

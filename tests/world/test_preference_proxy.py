@@ -14,10 +14,10 @@ from mmalign.world.captions import caption
 from mmalign.world.preference import (
     Comparisons,
     PreferenceRecipe,
-    _scaled_cosines,
     bradley_terry_loss,
     train_preference,
 )
+from mmalign.world.proxy import proxy_scores
 from mmalign.world.scenes import COLOURS
 
 
@@ -45,8 +45,7 @@ def test_bradley_terry_loss_without_decided_pairs_is_zero_and_keeps_the_graph():
 
 
 def _pairwise_accuracy(model, tokenizer, data: Comparisons) -> float:
-    with torch.no_grad():
-        scores = _scaled_cosines(model, data.images, tokenizer(data.texts)).view(-1, 2)
+    scores = proxy_scores(model, tokenizer, data.images, data.texts).view(-1, 2)
     gold = data.gold.view(-1, 2)
     return float(((scores[:, 0] > scores[:, 1]) == (gold[:, 0] > gold[:, 1])).float().mean())
 

@@ -120,10 +120,10 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
 def _cmd_eval_generator(args: argparse.Namespace) -> int:
     from mmalign.eval.generator import evaluate_generator, load_run_pipeline
     from mmalign.eval.scoring import build_rewards
+    from mmalign.models.ddim import DDIMPolicy
+    from mmalign.models.pipelines import load_sd_pipeline
     from mmalign.models.stable_diffusion import StableDiffusionAdapter
-    from mmalign.trainers.prdp import load_sd_pipeline
-    from mmalign.trainers.prompts import PromptSource, load_prompts
-    from mmalign.trainers.sampler import DDIMPolicy
+    from mmalign.prompts import PromptSource, load_prompts
 
     if (args.run is None) == (args.pipeline is None):
         raise ValueError("eval generator: give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH")
@@ -150,8 +150,8 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
+    from mmalign.models.pipelines import load_sd_pipeline
     from mmalign.trainers.bench import bench_prdp_update, format_train_rows
-    from mmalign.trainers.prdp import load_sd_pipeline
 
     rows = bench_prdp_update(load_sd_pipeline(args.pipeline).to(args.device), args.group_sizes, args.steps)
     print(format_train_rows(rows))

@@ -1,6 +1,7 @@
 """Typed recipes: YAML files validated by pydantic models, with ``key=value`` overrides.
 
-A recipe names its ``task``; the task picks the schema (``TASKS``). Every problem in a recipe is reported in
+A recipe names its ``task``; the task picks the schema and, for training tasks, the trainer (``TASKS``, the one
+table both are read from). Every problem in a recipe is reported in
 one message, and an unknown key comes with the nearest valid name. String values in a recipe file may use
 ``${recipe_dir}``, the folder of that file, so shipped recipes can point at shipped data wherever the package
 is installed.
@@ -13,7 +14,7 @@ import importlib
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -22,9 +23,11 @@ __all__ = [
     "TASKS",
     "Recipe",
     "RecipeError",
+    "Task",
     "StrictModel",
     "apply_overrides",
     "find_recipe",
+    "import_object",
     "list_recipes",
     "load_recipe",
     "validate_recipe",
@@ -32,11 +35,18 @@ __all__ = [
     "recipes_dir",
 ]
 
-#: task name → "module:Schema"; imported only when a recipe of that task is loaded.
-TASKS: dict[str, str] = {
-    "score": "mmalign.eval.scoring:ScoreRecipe",
-    "prdp": "mmalign.trainers.prdp:PRDPConfig",
-    "vlm_grpo": "mmalign.trainers.vlm_grpo.recipe:VLMGRPOConfig",
+class Task(NamedTuple):
+    """Where a task's recipe schema lives, and its trainer's (None for tasks that do not train)."""
+
+    config: str
+    trainer: str | None = None
+
+
+#: task name → its schema and trainer, as import paths: a module is imported only when its recipe is used.
+TASKS: dict[str, Task] = {
+    "score": Task("mmalign.eval.scoring:ScoreRecipe"),
+    "prdp": Task("mmalign.trainers.prdp:PRDPConfig", "mmalign.trainers.prdp:PRDPTrainer"),
+    "vlm_grpo": Task("mmalign.trainers.vlm_grpo.recipe:VLMGRPOConfig", "mmalign.trainers.vlm_grpo.recipe:VLMGRPORecipeTrainer"),
 }
 
 
@@ -55,6 +65,15 @@ class Recipe(StrictModel):
 
     task: str
     description: str = ""
+
+
+def import_object(path: str) -> Any:
+    """The object ``"package.module:name"`` names, imported on first use: how generic code reaches the world
+    (and other plug-ins) without importing it."""
+    module, sep, name = path.partition(":")
+    if not sep:
+        raise ValueError(f"path: expected 'package.module:name', got {path!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 def recipes_dir() -> Path:
@@ -150,8 +169,7 @@ def validate_recipe(data: Mapping[str, Any], schema: type[Recipe] | None = None,
             close = difflib.get_close_matches(str(task), list(TASKS), n=1, cutoff=0.5)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"{source}: task: expected one of {sorted(TASKS)}, got {task!r}{hint}")
-        module, _, attr = TASKS[task].partition(":")
-        schema = getattr(importlib.import_module(module), attr)
+        schema = import_object(TASKS[task].config)
     try:
         return schema.model_validate(dict(data))
     except ValidationError as err:

@@ -13,10 +13,10 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.media import MediaBatch
+from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.rollout import sample_trajectories
 from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.rewards import Reward
-from mmalign.trainers.rollout import sample_trajectories
-from mmalign.trainers.sampler import DDIMPolicy
 
 __all__ = ["GeneratorEval", "evaluate_generator", "load_run_pipeline", "mean_ci"]
 
@@ -82,7 +82,7 @@ def evaluate_generator(
 def load_run_pipeline(run_dir: str | Path):
     """The pipeline a training run produced: its base with the exported LoRA, or its saved full pipeline;
     with the run's sampler settings (``num_steps``, ``eta``, ``guidance_scale``)."""
-    from mmalign.trainers.prdp import load_sd_pipeline
+    from mmalign.models.pipelines import load_sd_pipeline
 
     run_dir = Path(run_dir)
     config_path = run_dir / "config.json"

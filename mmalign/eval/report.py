@@ -55,7 +55,7 @@ def save_grids(
     before: GeneratorEval, after: GeneratorEval, path: str | Path, label_key: str | None = None, limit: int = 8
 ) -> Path:
     """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image."""
-    from mmalign.world.grid import image_grid
+    from mmalign.eval.grid import image_grid
 
     n = min(limit, len(before.batch))
     images = torch.cat([before.batch.pixels[:n], after.batch.pixels[:n]])

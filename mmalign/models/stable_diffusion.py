@@ -81,7 +81,7 @@ class StableDiffusionAdapter:
         return uncond + self.guidance_scale * (cond - uncond)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(B,3,H,W)`` pixels in [0, 1] (differentiable) from latents."""
+        """``(B,3,H,W)`` pixels in [0, 1] (differentiable), in at least fp32, from latents."""
         vae = self.pipeline.vae
         image = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return (image.to(torch.promote_types(image.dtype, torch.float32)) / 2 + 0.5).clamp(0, 1)

@@ -1,23 +1,37 @@
-"""Rollouts and alignment algorithms (PRDP; DDPO/GRPO, ReNO, D²-Align and VLM GRPO follow)."""
+"""Alignment algorithms on shared components: the run (``run``), the diffusion loop (``diffusion``), one file per
+algorithm (``prdp``, ``ddpo``, ``diffusion_grpo``) and VLM GRPO (``vlm_grpo``)."""
 
 from __future__ import annotations
 
-import importlib
+from typing import Any, Protocol, runtime_checkable
 
-from mmalign.config import Recipe
+from mmalign.config import TASKS, Recipe, import_object
 
-__all__ = ["TRAINERS", "trainer_for"]
+__all__ = ["Trainer", "trainer_for"]
 
-#: recipe task → "module:Trainer"
-TRAINERS: dict[str, str] = {
-    "prdp": "mmalign.trainers.prdp:PRDPTrainer",
-    "vlm_grpo": "mmalign.trainers.vlm_grpo.recipe:VLMGRPORecipeTrainer",
-}
+
+@runtime_checkable
+class Trainer(Protocol):
+    """What ``mmalign train`` calls, in this order; ``train`` resumes from the run folder's last checkpoint."""
+
+    run_dir: Any
+
+    def setup(self) -> None: ...
+
+    def train(self) -> dict[str, Any]: ...
+
+    def report(self) -> dict[str, Any] | None: ...
+
+    def export(self) -> Any: ...
+
+    def cleanup(self) -> None:
+        """Close trackers and process groups (``accelerator.end_training()``)."""
 
 
 def trainer_for(recipe: Recipe) -> type:
-    """The trainer class that runs ``recipe`` (by its ``task``)."""
-    if recipe.task not in TRAINERS:
-        raise ValueError(f"recipe task: {recipe.task!r} is not a training task; trainable tasks: {sorted(TRAINERS)}")
-    module, _, name = TRAINERS[recipe.task].partition(":")
-    return getattr(importlib.import_module(module), name)
+    """The trainer class that runs ``recipe``, from the task table ``mmalign.config.TASKS``."""
+    task = TASKS.get(recipe.task)
+    if task is None or task.trainer is None:
+        trainable = sorted(name for name, t in TASKS.items() if t.trainer)
+        raise ValueError(f"recipe task: {recipe.task!r} is not a training task; trainable tasks: {trainable}")
+    return import_object(task.trainer)

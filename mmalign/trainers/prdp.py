@@ -22,7 +22,12 @@ from tqdm.auto import tqdm
 
 from mmalign.config import Recipe, StrictModel
 from mmalign.eval.scoring import RewardSpecs, build_rewards
+from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.pipelines import load_sd_pipeline
+from mmalign.models.rollout import backward_weighted_log_probs, sample_trajectories, trajectory_log_probs
 from mmalign.models.stable_diffusion import StableDiffusionAdapter
+from mmalign.models.trajectory import Trajectory
+from mmalign.prompts import PromptSource, load_prompts
 from mmalign.trainers.checkpoint import latest_checkpoint, save_checkpoint
 from mmalign.trainers.lora import (
     LoRAConfig,
@@ -33,12 +38,8 @@ from mmalign.trainers.lora import (
     trainable_state,
 )
 from mmalign.trainers.prdp_loss import pair_indices, rdp_coefficients
-from mmalign.trainers.prompts import PromptSource, load_prompts
-from mmalign.trainers.rollout import backward_weighted_log_probs, sample_trajectories, trajectory_log_probs
-from mmalign.trainers.sampler import DDIMPolicy
-from mmalign.trainers.trajectory import Trajectory
 
-__all__ = ["PRDPConfig", "PRDPTrainer", "ReportConfig", "load_sd_pipeline"]
+__all__ = ["PRDPConfig", "PRDPTrainer", "ReportConfig"]
 
 
 class ReportConfig(StrictModel):
@@ -56,7 +57,7 @@ class PRDPConfig(Recipe):
 
     task: Literal["prdp"] = "prdp"
     pipeline: str = Field("world", description="'world' (the shipped shapes pipeline), a hub id or a folder")
-    prompts: PromptSource = Field(default_factory=PromptSource, description="training prompts")
+    prompts: PromptSource = Field(default_factory=lambda: PromptSource(world="train"), description="training prompts")
     reward: RewardSpecs = Field(min_length=1, description="reward specs; several are summed with their weights")
     log_rewards: RewardSpecs = Field(default_factory=list, description="rewards logged each epoch, not trained on")
     beta: float = Field(0.1, gt=0, description="KL strength β: the loss fits r̂ to reward differences / β")
@@ -99,19 +100,6 @@ class PRDPConfig(Recipe):
                 f"({self.prompts_per_update})"
             )
         return self
-
-
-def load_sd_pipeline(name: str, dtype: torch.dtype = torch.float32):
-    """The shipped world pipeline for ``"world"``, else ``StableDiffusionPipeline.from_pretrained(name)``."""
-    from diffusers import StableDiffusionPipeline
-
-    if name == "world":
-        from mmalign.world import load_pipeline
-
-        return load_pipeline(dtype=dtype)
-    pipe = StableDiffusionPipeline.from_pretrained(name, dtype=dtype, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 class PRDPTrainer:

@@ -110,8 +110,8 @@ def _cmd_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
+    from mmalign.eval.grid import image_grid
     from mmalign.world.assets import generate, load_pipeline
-    from mmalign.world.grid import image_grid
     from mmalign.world.verify import verify_batch
 
     scenes, prompts = _scenes_and_prompts(args)
@@ -126,7 +126,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 
 def _cmd_render(args: argparse.Namespace) -> int:
-    from mmalign.world.grid import image_grid
+    from mmalign.eval.grid import image_grid
     from mmalign.world.render import render_batch
 
     scenes, prompts = _scenes_and_prompts(args)

@@ -34,9 +34,9 @@ def write_gold_pairs(
     Rows carry the scene, so the gold reward itself can be evaluated on them (it scores 100%).
     """
     from mmalign.eval.generator import evaluate_generator
+    from mmalign.models.ddim import DDIMPolicy
     from mmalign.models.stable_diffusion import StableDiffusionAdapter
-    from mmalign.trainers.prompts import PromptSource, load_prompts
-    from mmalign.trainers.sampler import DDIMPolicy
+    from mmalign.prompts import PromptSource, load_prompts
     from mmalign.world.assets import load_pipeline
     from mmalign.world.gold import GoldReward
 

@@ -4,15 +4,15 @@ import itertools
 import pytest
 import torch
 
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
-from mmalign.trainers.prdp_loss import pair_indices, rdp_coefficients, rdp_loss
-from mmalign.trainers.rollout import (
+from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.rollout import (
     backward_weighted_log_probs,
     sample_trajectories,
     step_log_probs,
     trajectory_log_probs,
 )
-from mmalign.trainers.sampler import DDIMPolicy
+from mmalign.models.stable_diffusion import StableDiffusionAdapter
+from mmalign.trainers.prdp_loss import pair_indices, rdp_coefficients, rdp_loss
 
 
 def test_pairs_stay_within_groups_and_skip_invalid():

@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from mmalign.eval.grid import image_grid
 from mmalign.world.captions import prompt_set
 from mmalign.world.commands import add_world_parser, scene_from_prompt
-from mmalign.world.grid import image_grid
 from mmalign.world.render import render
 
 

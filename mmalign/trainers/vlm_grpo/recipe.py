@@ -23,7 +23,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
-from mmalign.config import Recipe, StrictModel
+from mmalign.config import Recipe, StrictModel, import_object
 
 __all__ = [
     "AggregateConfig",
@@ -38,6 +38,8 @@ __all__ = [
 ]
 
 RewardSpecs = list[str | dict[str, Any]]
+#: named policies → a function returning their folder, as import paths (the world is reached, not imported)
+_MODEL_SOURCES = {"world": "mmalign.world.vlm:vlm_path"}
 #: GRPOConfig fields the recipe sets itself.
 _OWNED = {"output_dir": "output_dir", "seed": "seed", "report_to": "trackers"}
 
@@ -278,10 +280,8 @@ class VLMGRPORecipeTrainer:
                 raise ValueError("processor: a model given in memory needs its processor too")
             return self._model, self._processor
         path = self.config.model
-        if path == "world":
-            from mmalign.world.vlm import vlm_path
-
-            path = vlm_path()
+        if path in _MODEL_SOURCES:
+            path = import_object(_MODEL_SOURCES[path])()
         kwargs: dict[str, Any] = {"dtype": getattr(torch, self.config.dtype)}
         if self.config.attn_implementation:
             kwargs["attn_implementation"] = self.config.attn_implementation

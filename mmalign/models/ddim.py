@@ -8,7 +8,8 @@ One function does both, so sampling and re-scoring cannot drift apart:
     μ   = sqrt(ᾱ_prev)·x̂0 + sqrt(1 − ᾱ_prev − σ_t²)·ε̂
     x_{t-1} ~ N(μ, σ_t² I)
 
-Conventions: the mean is computed in fp32 whatever the model dtype, and the log-probability is the **sum over
+Conventions: the mean is computed in at least fp32 whatever the model dtype (fp64 inputs stay fp64, which
+the finite-difference tests use), and the log-probability is the **sum over
 latent dimensions** (the true log-density of the step, as the PRDP and DDPO papers define it), accumulated in
 fp64 so that differences of large sums keep their precision. Code derived from DDPO averages over dimensions
 instead, which is why its clip range is 1e-4; with sums, clip ranges and β are in nats per step.
@@ -26,9 +27,9 @@ __all__ = ["StepOutput", "DDIMPolicy", "gaussian_log_prob"]
 
 @dataclass
 class StepOutput:
-    prev_sample: torch.Tensor  # (B, C, h, w) fp32
+    prev_sample: torch.Tensor  # (B, C, h, w) fp32 (fp64 for fp64 inputs)
     log_prob: torch.Tensor  # (B,) fp64, summed over dimensions
-    mean: torch.Tensor  # (B, C, h, w) fp32
+    mean: torch.Tensor  # (B, C, h, w), the dtype of prev_sample
     std: float
 
 
@@ -81,9 +82,10 @@ class DDIMPolicy:
         return self.eta * math.sqrt(max(variance, 0.0))
 
     def predictions(self, model_output: torch.Tensor, sample: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(x̂0, ε̂)`` in fp32 from the model's output in its prediction type."""
+        """``(x̂0, ε̂)`` in at least fp32 from the model's output in its prediction type."""
         a = self._alpha[index]
-        out, x = model_output.float(), sample.float()
+        dtype = torch.promote_types(sample.dtype, torch.float32)
+        out, x = model_output.to(dtype), sample.to(dtype)
         if self.prediction_type == "epsilon":
             eps = out
             x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
@@ -116,5 +118,5 @@ class DDIMPolicy:
             device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
             prev_sample = mean + std * noise
-        prev_sample = prev_sample.float()
+        prev_sample = prev_sample.to(mean.dtype)
         return StepOutput(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)

@@ -1,18 +1,28 @@
-"""Sampling trajectories with log-probs, and re-scoring their steps under other weights."""
+"""Sampling trajectories with log-probs, re-scoring their steps under other weights, and sampling with
+gradients through chosen steps (for rewards back-propagated through the sampler, and noise optimisation)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from contextlib import nullcontext
+from typing import Any, NamedTuple
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from mmalign.models.ddim import DDIMPolicy
 from mmalign.models.stable_diffusion import StableDiffusionAdapter
-from mmalign.trainers.sampler import DDIMPolicy
-from mmalign.trainers.trajectory import Trajectory
+from mmalign.models.trajectory import Trajectory
 
-__all__ = ["backward_weighted_log_probs", "sample_trajectories", "step_log_probs", "trajectory_log_probs"]
+__all__ = [
+    "GradSample",
+    "backward_weighted_log_probs",
+    "sample_trajectories",
+    "sample_with_grad",
+    "step_log_probs",
+    "trajectory_log_probs",
+]
 
 
 @torch.no_grad()
@@ -94,11 +104,57 @@ def backward_weighted_log_probs(
     (e.g. ``accelerator.no_sync(model)``) is entered for every step but the last, so distributed gradients are
     all-reduced once per update rather than once per timestep. Steps whose coefficients are all zero are skipped.
     """
-    from contextlib import nullcontext
-
     steps = [t for t in range(trajectory.num_steps) if bool(coef[:, t].ne(0).any())]
     for position, index in enumerate(steps):
         context = no_sync() if no_sync is not None and position < len(steps) - 1 else nullcontext()
         with context:
             log_prob = step_log_probs(adapter, policy, unet, trajectory, index)
             (coef[:, index].to(log_prob) * log_prob).sum().float().backward()
+
+
+class GradSample(NamedTuple):
+    """The end of a differentiable rollout: ``latents`` ``(B, C, h, w)`` x_0 and ``pixels`` ``(B, 3, H, W)``."""
+
+    latents: torch.Tensor
+    pixels: torch.Tensor
+
+
+def sample_with_grad(
+    adapter: StableDiffusionAdapter,
+    policy: DDIMPolicy,
+    prompts: Sequence[str],
+    noise: torch.Tensor,
+    generator: torch.Generator | None = None,
+    unet: torch.nn.Module | None = None,
+    grad_steps: int | None = None,
+    gradient_checkpointing: bool = False,
+) -> GradSample:
+    """Sample from ``noise`` ``(B, C, h, w)`` with autograd through the last ``grad_steps`` steps (None: all).
+
+    The earlier steps run without a graph and their output is detached: DRaFT-K's truncation (K = 1 is often
+    enough), or AlignProp's when the caller draws K. With all steps kept and ``noise.requires_grad``, the
+    gradient reaches the initial noise (ReNO). Each step's noise comes from ``generator`` and is fixed given it,
+    so ``x_{t-1} = μ_θ(x_t) + σ_t·z`` is differentiable in θ and x_t (the reparameterised DDIM-η step).
+    ``gradient_checkpointing`` recomputes each kept UNet call in backward instead of storing its activations:
+    memory of one step's activations instead of K.
+    """
+    unet = adapter.unet if unet is None else unet
+    prompts = list(prompts)
+    if noise.shape != (len(prompts), *adapter.latent_shape):
+        raise ValueError(f"noise: expected shape {(len(prompts), *adapter.latent_shape)}, got {tuple(noise.shape)}")
+    kept = policy.num_steps if grad_steps is None else grad_steps
+    if not isinstance(kept, int) or not 0 <= kept <= policy.num_steps:
+        raise ValueError(f"grad_steps: expected None or an int in [0, {policy.num_steps}], got {grad_steps!r}")
+    embeds = adapter.encode_prompts(prompts)
+    x = noise.to(adapter.device)
+    first_kept = policy.num_steps - kept
+    for index, t in enumerate(policy.timesteps):
+        with torch.enable_grad() if index >= first_kept else torch.no_grad():
+            if index >= first_kept and gradient_checkpointing:
+                out = checkpoint(adapter.model_output, unet, x, t, embeds, use_reentrant=False)
+            else:
+                out = adapter.model_output(unet, x, t, embeds)
+            x = policy.step(out, x, index, generator=generator).prev_sample
+        if index < first_kept:
+            x = x.detach()
+    return GradSample(x, adapter.decode(x))

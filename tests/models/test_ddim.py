@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from mmalign.trainers.sampler import DDIMPolicy, gaussian_log_prob
+from mmalign.models.ddim import DDIMPolicy, gaussian_log_prob
 
 CONFIG = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False,
                        steps_offset=1, clip_sample=False).config

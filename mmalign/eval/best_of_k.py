@@ -11,13 +11,25 @@ import math
 
 import torch
 
-__all__ = ["best_of_k", "best_of_k_table", "within_prompt_agreement"]
+__all__ = ["best_of_k", "best_of_k_table", "variance_components", "within_prompt_agreement"]
 
 
 def best_of_k(picker: torch.Tensor, gold: torch.Tensor, k: int) -> float:
     """Mean gold of each row's sample with the highest ``picker`` score among its first ``k``."""
     choice = picker[:, :k].argmax(1, keepdim=True)
     return float(gold[:, :k].gather(1, choice).mean())
+
+
+def variance_components(scores: torch.Tensor) -> dict[str, float]:
+    """Where a score's spread comes from: the variance of the prompts' means (between prompts) and the mean of each
+    prompt's own sample variance (within prompts: the seed's share). A policy-gradient trainer learns from the
+    within-prompt share; a generator whose spread is mostly within prompts fails by noise, not systematically."""
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        raise ValueError(f"scores: expected a (prompts, samples ≥ 2) table, got shape {tuple(scores.shape)}")
+    scores = scores.double()
+    return {"between_prompts": float(scores.mean(1).var(unbiased=False)),
+            "within_prompts": float(scores.var(1, unbiased=True).mean()),
+            "total": float(scores.flatten().var(unbiased=False))}
 
 
 def within_prompt_agreement(scores: torch.Tensor, gold: torch.Tensor) -> dict[str, float]:

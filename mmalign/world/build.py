@@ -29,15 +29,17 @@ from pathlib import Path
 
 import torch
 
+from mmalign.eval.best_of_k import variance_components
 from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
-from mmalign.world.generator import GeneratorRecipe, build_generator
+from mmalign.world.generator import IMAGE_SIZE, GeneratorRecipe, build_generator
 from mmalign.world.preference import PreferenceRecipe, build_preference
 from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy, proxy_scores
+from mmalign.world.render import render_batch
 from mmalign.world.verify import verify_batch
 from mmalign.world.vlm import build_vlm
 
-__all__ = ["MODELS", "build", "evaluate", "folder_size"]
+__all__ = ["MODELS", "build", "evaluate", "folder_size", "reconstruction"]
 
 #: Buildable models and the asset folder each is saved to.
 MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference"}
@@ -74,7 +76,8 @@ def _build_one(name: str, target: Path, recipes: dict, steps: int | None, progre
     if threads is not None:
         torch.set_num_threads(threads)
     builders = {
-        "generator": lambda folder: build_generator(folder, recipes["generator"], progress),
+        "generator": lambda folder: build_generator(folder, recipes["generator"], progress,
+                                                    work=target.with_name(f".{target.name}.work")),
         "proxy": lambda folder: build_proxy(folder, recipes["proxy"], progress),
         "vlm": lambda folder: build_vlm(folder, steps, progress=progress),
         "preference": lambda folder: build_preference(
@@ -191,7 +194,9 @@ def evaluate(
     batch: int = 128,
     progress: bool = True,
 ) -> dict:
-    """Gold scores of the generator per split and attribute type, and the proxy's agreement with gold.
+    """Gold scores of the generator per split and attribute type, where their spread comes from (between or
+    within prompts), the VAE's own ceiling (gold on its reconstructions of clean renders) and the proxy's
+    agreement with gold.
 
     ``prompts`` fresh prompts per split (seeded apart from the training scenes), ``samples_per_prompt``
     images each with the ``SAMPLER`` settings; agreement compares proxy and gold on those same images.
@@ -200,7 +205,8 @@ def evaluate(
 
     pipe = load_pipeline(path=str(pipeline_dir))
     model, _, tokenizer = load_proxy(path=str(proxy_dir))
-    result: dict = {"sampler": dict(SAMPLER), "prompts_per_split": prompts, "samples_per_prompt": samples_per_prompt}
+    result: dict = {"sampler": dict(SAMPLER), "prompts_per_split": prompts, "samples_per_prompt": samples_per_prompt,
+                    "seconds_64_samples_10_steps": _sampling_seconds(pipe)}
     for split in ("train", "heldout"):
         items = [p for p in prompt_set(split, prompts, seed) for _ in range(samples_per_prompt)]
         texts = [p.text for p in items]
@@ -215,6 +221,7 @@ def evaluate(
             for check, ok in v.checks.items():
                 by_type[check.split(".")[-1]].append(ok)
         proxy = proxy_scores(model, tokenizer, images, texts)
+        table = gold.view(prompts, samples_per_prompt)
         groups = torch.arange(prompts).repeat_interleave(samples_per_prompt)
         noise = verify_batch(torch.rand(images.shape, generator=torch.Generator().manual_seed(seed)),
                              [p.scene for p in items])
@@ -222,8 +229,34 @@ def evaluate(
             "gold_mean": round(float(gold.mean()), 4),
             "gold_by_attribute": {k: round(sum(v) / len(v), 4) for k, v in sorted(by_type.items())},
             "checks_per_attribute": {k: len(v) for k, v in sorted(by_type.items())},
+            "gold_variance": {k: round(v, 4) for k, v in variance_components(table).items()},
             "gold_mean_uniform_noise": round(sum(v.score for v in noise) / len(noise), 4),
+            "vae_reconstruction": reconstruction(pipe.vae, [p.scene for p in prompt_set(split, 4 * prompts, seed + 1)]),
             "proxy_vs_gold": {k: round(v, 4) if isinstance(v, float) else v
                               for k, v in agreement(proxy, gold, groups).items()},
         }
     return result
+
+
+def _sampling_seconds(pipe) -> float:
+    """Wall seconds for 64 samples × 10 DDIM steps (guidance on): what every trainer on the world pays per batch."""
+    prompts = [p.text for p in prompt_set("train", 64, 7)]
+    generate(pipe, prompts[:2], num_inference_steps=2)  # warm-up
+    start = time.perf_counter()
+    generate(pipe, prompts, num_inference_steps=10)
+    return round(time.perf_counter() - start, 2)
+
+
+@torch.no_grad()
+def reconstruction(vae, scenes, batch: int = 256) -> dict:
+    """Gold on the VAE's reconstructions (posterior mean, decoded) of clean renders of ``scenes``: the ceiling
+    the UNet trains under. ``checks_passed`` is the fraction of all stated checks that still pass."""
+    images = render_batch(scenes, IMAGE_SIZE)
+    out = []
+    for start in range(0, len(images), batch):
+        x = images[start : start + batch].to(vae.device, vae.dtype) * 2 - 1
+        out.append(((vae.decode(vae.encode(x).latent_dist.mean).sample + 1) / 2).clamp(0, 1).float().cpu())
+    verdicts = verify_batch(torch.cat(out), scenes)
+    passed = [ok for v in verdicts for ok in v.checks.values()]
+    return {"renders": len(scenes), "checks_passed": round(sum(passed) / len(passed), 4),
+            "gold_mean": round(sum(v.score for v in verdicts) / len(verdicts), 4)}

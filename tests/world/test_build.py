@@ -84,6 +84,47 @@ def test_generator_build_runs_and_loads(tmp_path):
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 
+def test_an_interrupted_generator_build_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """Killed after a UNet checkpoint, the build continues from the work folder and ends where an uninterrupted
+    one does, bit for bit; the work folder is gone once the pipeline is saved."""
+    from safetensors.torch import load_file
+
+    import mmalign.world.generator as generator
+
+    recipe = GeneratorRecipe(scenes=32, vae_steps=3, vae_batch=4, unet_steps=5, unet_batch=4, warmup=1,
+                             checkpoint_every=2)
+    whole = build_generator(tmp_path / "whole", recipe, progress=False, work=tmp_path / "work-whole")
+    assert not (tmp_path / "work-whole").exists()
+
+    save = generator._Resumable.maybe_save
+
+    def save_then_die(self, step, total):
+        save(self, step, total)
+        if self.path.name == "unet.pt" and step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(generator._Resumable, "maybe_save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        build_generator(tmp_path / "resumed", recipe, progress=False, work=tmp_path / "work")
+    assert (tmp_path / "work" / "vae" / "config.json").is_file() and (tmp_path / "work" / "unet.pt").is_file()
+    monkeypatch.setattr(generator._Resumable, "maybe_save", save)
+    resumed = build_generator(tmp_path / "resumed", recipe, progress=False, work=tmp_path / "work")
+    for part in ("unet", "text_encoder", "vae"):
+        name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
+        a, b = (load_file(folder / part / name) for folder in (whole, resumed))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+
+
+def test_a_work_folder_of_another_recipe_is_not_resumed(tmp_path):
+    recipe = GeneratorRecipe(scenes=16, vae_steps=1, vae_batch=4, unet_steps=1, unet_batch=4, warmup=1)
+    work = tmp_path / "work"
+    (work / "vae").mkdir(parents=True)
+    (work / "vae" / "config.json").write_text("{}")  # would fail to load if it were trusted
+    (work / "recipe.json").write_text('{"seed": 99}')
+    build_generator(tmp_path / "pipe", recipe, progress=False, work=work)
+    assert not work.exists()
+
+
 def test_proxy_build_runs_and_loads(tmp_path):
     import open_clip
 

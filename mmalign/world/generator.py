@@ -307,8 +307,13 @@ def train_denoiser(vae, tokenizer, images: torch.Tensor, captions: list[str], re
 
 
 def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet) -> Path:
-    """Save the parts as a ``StableDiffusionPipeline`` folder (safetensors, no safety checker)."""
+    """Save the parts as a ``StableDiffusionPipeline`` folder (safetensors, no safety checker).
+
+    The UNet's weights, two thirds of the bytes, are stored in half precision, which keeps the world's shipped
+    models within their 15 MB; diffusers loads them back as fp32 (the reported figures are of the stored weights).
+    """
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file, save_file
 
     pipe = StableDiffusionPipeline(
         vae=vae,
@@ -321,6 +326,8 @@ def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet) -> Pat
         requires_safety_checker=False,
     )
     pipe.save_pretrained(str(folder), safe_serialization=True)
+    weights = Path(folder) / "unet" / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.half() for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     return Path(folder)
 
 

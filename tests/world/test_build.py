@@ -79,6 +79,7 @@ def test_generator_build_runs_and_loads(tmp_path):
     folder = build_generator(tmp_path / "pipe", recipe, progress=False)
     pipe = StableDiffusionPipeline.from_pretrained(str(folder))
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.safety_checker is None
+    assert pipe.unet.dtype == torch.float32 and pipe.unet.config.in_channels == recipe.latent_channels  # stored fp16
     assert pipe.vae.config.scaling_factor != 0.18215  # measured on the latents, not SD's constant
     out = pipe("a red circle", num_inference_steps=2, output_type="pt").images
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()

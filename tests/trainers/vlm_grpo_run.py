@@ -1,5 +1,8 @@
 """Runs a tiny VLM GRPO job through the recipe runner; used by the multi-process test as a subprocess.
 
+It ends right after training, as a user's script may: the trainer itself must leave the process group
+in a state the interpreter can exit from (see ``mmalign.trainers.distributed``).
+
 usage: python vlm_grpo_run.py OUTPUT_DIR STEPS [--dynamic-sampling]
 """
 

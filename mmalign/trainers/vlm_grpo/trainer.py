@@ -13,6 +13,8 @@
   to every log-prob forward pass, per sample, so TRL's shuffling and splitting of a generation batch keep
   them with their rows.
 - mmalign rewards: ``RewardFunction`` adapters are moved to the trainer's device and told the group size.
+- **A clean exit** under ``accelerate launch``: the process group TRL's arguments start is destroyed when the
+  interpreter exits (see ``mmalign.trainers.distributed``), so gloo's threads cannot abort the process.
 
 Everything else (losses, ``scale_rewards``, ``multi_objective_aggregation``, PEFT, vLLM, logging, checkpoints)
 is TRL's.
@@ -31,6 +33,7 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id
 
+from mmalign.trainers.distributed import destroy_process_group_at_exit
 from mmalign.trainers.vlm_grpo.rewards import RewardFunction
 from mmalign.trainers.vlm_grpo.sampling import refill_generator, signal_groups
 
@@ -152,6 +155,7 @@ class VLMGRPOTrainer(GRPOTrainer):
     ) -> None:
         if args is None:
             raise ValueError("args: expected a trl.GRPOConfig (output_dir, batch sizes, num_generations), got None")
+        destroy_process_group_at_exit()
         self._check_dynamic_sampling(dynamic_sampling_rounds, args, train_dataset, kwargs)
         ref = self._reference(model, ref_model, args, peft_config)
         beta, sync = args.beta, args.sync_ref_model

@@ -88,9 +88,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     trainer = trainer_for(recipe)(recipe, progress=not args.quiet)
-    trainer.train()
-    summary = trainer.report()
-    exported = trainer.export()
+    trainer.setup()
+    try:
+        trainer.train()
+        summary = trainer.report()
+        exported = trainer.export()
+    finally:
+        trainer.cleanup()
     if summary:
         for name in summary["before"]:
             b, a = summary["before"][name], summary["after"][name]

@@ -46,6 +46,8 @@ class Task(NamedTuple):
 TASKS: dict[str, Task] = {
     "score": Task("mmalign.eval.scoring:ScoreRecipe"),
     "prdp": Task("mmalign.trainers.prdp:PRDPConfig", "mmalign.trainers.prdp:PRDPTrainer"),
+    "ddpo": Task("mmalign.trainers.ddpo:DDPOConfig", "mmalign.trainers.ddpo:DDPOTrainer"),
+    "diffusion_grpo": Task("mmalign.trainers.diffusion_grpo:GRPOConfig", "mmalign.trainers.diffusion_grpo:GRPOTrainer"),
     "vlm_grpo": Task("mmalign.trainers.vlm_grpo.recipe:VLMGRPOConfig", "mmalign.trainers.vlm_grpo.recipe:VLMGRPORecipeTrainer"),
 }
 

@@ -104,7 +104,8 @@ def test_train_then_eval_generator(tmp_path, tiny_sd_factory, capsys):
     tiny_sd_factory(seed=0).save_pretrained(tmp_path / "pipe")
     recipe = tmp_path / "tiny-prdp.yaml"
     recipe.write_text(
-        f"# mmalign train {recipe}\ntask: prdp\npipeline: {tmp_path / 'pipe'}\nreward: [jpeg_incompressibility]\n"
+        f"# mmalign train {recipe}\ntask: prdp\npipeline: {tmp_path / 'pipe'}\nprompts: {{world: train, n: 8}}\n"
+        "reward: [jpeg_incompressibility]\n"
         "log_rewards: [gold]\nepochs: 1\nprompts_per_epoch: 2\nsamples_per_prompt: 2\nprompts_per_update: 2\n"
         f"num_steps: 2\nlora: {{rank: 2, alpha: 2}}\noutput_dir: {tmp_path / 'run'}\n"
         "report: {prompts: {world: heldout, n: 2, seed: 1}, samples_per_prompt: 2, rewards: [gold]}\n"

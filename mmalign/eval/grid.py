@@ -1,27 +1,48 @@
 """A contact sheet of small images with a few lines of text under each (prompt, gold verdict).
 
 32 px images are unreadable at their own size, so each is enlarged with nearest-neighbour sampling (which
-keeps the pixels the verifier saw) before the text is written beneath it.
+keeps the pixels the verifier saw) before the text is written beneath it. Text is set in DejaVu Sans (shipped
+with matplotlib, which the reports already need) rather than Pillow's default font, whose few glyphs draw
+arrows, ×, accents and stray control characters as boxes; tabs and carriage returns become spaces and lines.
 """
 
 from __future__ import annotations
 
+import functools
 import textwrap
+import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["image_grid"]
+__all__ = ["image_grid", "label_font"]
 
 _PAD = 4
+
+
+@functools.lru_cache(maxsize=1)
+def label_font(size: int = 10):
+    """DejaVu Sans at ``size`` px (through matplotlib's font manager), else Pillow's default font."""
+    try:
+        from matplotlib import font_manager
+
+        return ImageFont.truetype(font_manager.findfont("DejaVu Sans", fallback_to_default=False), size)
+    except (ImportError, ValueError, OSError):
+        return ImageFont.load_default()
+
+
+def _clean(text: str) -> str:
+    """Line breaks as ``\n``, tabs as spaces, other control characters dropped: none of them has a glyph."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n").replace("\t", " ")
+    return "".join(c for c in text if c == "\n" or unicodedata.category(c)[0] != "C")
 
 
 def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     """Lines of ``text`` that fit ``width`` pixels (at least one word per line)."""
     lines: list[str] = []
-    for paragraph in text.split("\n"):
+    for paragraph in _clean(text).split("\n"):
         chars = max(1, len(paragraph))
         while chars > 1 and any(draw.textlength(line, font=font) > width
                                 for line in textwrap.wrap(paragraph, chars) or [""]):
@@ -45,7 +66,7 @@ def image_grid(
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     cell = images.shape[-1] * scale
-    font = ImageFont.load_default()
+    font = label_font()
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = [_wrap(text, font, cell, probe) for text in labels] if labels else [[] for _ in images]
     line_height = probe.textbbox((0, 0), "Ag", font=font)[3] + 2

@@ -11,21 +11,39 @@ import torch
 
 from mmalign.eval.generator import GeneratorEval, mean_ci
 
-__all__ = ["plot_curves", "read_metrics", "save_grids", "write_report"]
+__all__ = ["plot_curves", "read_metrics", "save_grids", "smooth", "write_report"]
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` (the last row of an epoch wins when a resumed run repeated it)."""
+def read_metrics(path: str | Path, x: str = "epoch") -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` keyed by ``x`` (the last row of an epoch or step wins when a resumed run
+    repeated it), in order of ``x``."""
     rows: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[row.get("epoch", len(rows))] = row
+            rows[row.get(x, len(rows))] = row
     return [rows[k] for k in sorted(rows)]
 
 
-def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path) -> Path | None:
-    """One panel per metric (mean ± std where logged) against the epoch, as a PNG; None if nothing to plot."""
+def smooth(values: Sequence[float], weight: float = 0.6) -> list[float]:
+    """TensorBoard's debiased exponential moving average (NaNs skipped): the trend through noisy points."""
+    out, average, norm = [], 0.0, 0.0
+    for value in values:
+        if value == value:  # not NaN
+            average, norm = weight * average + (1 - weight) * value, weight * norm + (1 - weight)
+        out.append(average / norm if norm else float("nan"))
+    return out
+
+
+#: what each x key counts, for the axis label
+X_LABELS = {"epoch": "epoch (one rollout + update)", "step": "optimiser step"}
+
+
+def plot_curves(
+    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path, x: str = "epoch"
+) -> Path | None:
+    """One panel per metric against ``x`` (``epoch`` or ``step``): the raw points (± std where logged) and a
+    smoothed line through them, as a PNG; None if nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,16 +53,18 @@ def plot_curves(rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: st
     if not keys:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    epochs = [r.get("epoch", i) for i, r in enumerate(rows)]
+    xs = [r.get(x, i) for i, r in enumerate(rows)]
     for ax, key in zip(axes[0], keys):
-        mean = [r.get(f"{key}/mean", r.get(key, float("nan"))) for r in rows]
-        ax.plot(epochs, mean, marker="o", ms=3)
+        mean = [float(r.get(f"{key}/mean", r.get(key, float("nan")))) for r in rows]
+        ax.plot(xs, mean, "o", ms=3, alpha=0.4, label="raw")
+        ax.plot(xs, smooth(mean), "-", lw=1.5, label="smoothed")
         if any(f"{key}/std" in r for r in rows):
             std = [r.get(f"{key}/std", 0.0) for r in rows]
-            ax.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.2)
+            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
         ax.set_title(key)
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(X_LABELS.get(x, x))
         ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -74,12 +94,15 @@ def write_report(
     after: GeneratorEval,
     curve_keys: Sequence[str],
     extra: Mapping[str, Any] | None = None,
+    limit: int = 8,
+    x: str = "epoch",
 ) -> dict[str, Any]:
     """``summary.json`` (before/after mean and 95% CI per reward, and the change), ``curves.png`` and ``grid.png``.
 
     ``before`` and ``after`` score the same prompts with the same seeds (or the same questions), so
     ``paired_change`` gives the mean and 95% CI of the per-sample differences: far narrower than the two
-    separate intervals, and the one to read when asking whether training moved a score.
+    separate intervals, and the one to read when asking whether training moved a score. The grid shows the
+    first ``limit`` samples (none for 0); the curves run against ``x`` (``epoch`` or ``step``).
     """
     run_dir = Path(run_dir)
     summary: dict[str, Any] = {"before": before.summary(), "after": after.summary(), **(extra or {})}
@@ -92,9 +115,9 @@ def write_report(
     }
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        curves = plot_curves(read_metrics(metrics), curve_keys, run_dir / "curves.png")
+        curves = plot_curves(read_metrics(metrics, x), curve_keys, run_dir / "curves.png", x)
         summary["curves"] = curves.name if curves else None
     label = next((k for k in ("gold", *before.scores) if k in before.scores), None)
-    summary["grid"] = save_grids(before, after, run_dir / "grid.png", label).name
+    summary["grid"] = save_grids(before, after, run_dir / "grid.png", label, limit).name if limit else None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

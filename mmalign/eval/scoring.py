@@ -18,11 +18,9 @@ from mmalign.config import Recipe
 from mmalign.media import MediaBatch
 from mmalign.rewards import Reward, build
 from mmalign.rewards.composite import unique_names
+from mmalign.rewards.registry import RewardSpecs
 
 __all__ = ["ScoreRecipe", "ScoreResult", "score_batch", "run_score", "summarize", "format_summary"]
-
-RewardSpecs = list[str | dict[str, Any] | list[dict[str, Any]]]
-
 
 class ScoreRecipe(Recipe):
     """Rewards × a folder of images with prompts → a table of scores."""

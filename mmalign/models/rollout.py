@@ -3,7 +3,7 @@ gradients through chosen steps (for rewards back-propagated through the sampler,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from typing import Any, NamedTuple
 
@@ -11,12 +11,13 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.ddim import DDIMPolicy, StepOutput
 from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.models.trajectory import Trajectory
 
 __all__ = [
     "GradSample",
+    "backward_per_step",
     "backward_weighted_log_probs",
     "sample_trajectories",
     "sample_with_grad",
@@ -90,6 +91,36 @@ def trajectory_log_probs(
     )
 
 
+def backward_per_step(
+    adapter: StableDiffusionAdapter,
+    policy: DDIMPolicy,
+    unet: torch.nn.Module,
+    trajectory: Trajectory,
+    mask: torch.Tensor,
+    loss: Callable[[int, torch.Tensor, StepOutput], torch.Tensor],
+    no_sync=None,
+) -> None:
+    """Back-propagate ``loss(t, rows, step)`` for every step ``t`` with ``mask[:, t]`` set, one timestep at a time.
+
+    ``rows`` are the indices where ``mask[:, t]`` holds and ``step`` re-scores their stored step ``t`` under ``unet``
+    with autograd (``step.log_prob``, ``step.mean``). Any loss that is a sum over (sample, step) terms trains this
+    way with one UNet graph alive, so memory does not grow with the number of steps. ``no_sync`` (e.g.
+    ``lambda: accelerator.no_sync(model)``) is entered for every step but the last, so distributed gradients are
+    all-reduced once per update rather than once per timestep.
+    """
+    mask = mask.cpu()
+    steps = [t for t in range(trajectory.num_steps) if bool(mask[:, t].any())]
+    for position, index in enumerate(steps):
+        rows = mask[:, index].nonzero().squeeze(1)
+        part = trajectory if len(rows) == len(trajectory) else trajectory.select(rows)
+        context = no_sync() if no_sync is not None and position < len(steps) - 1 else nullcontext()
+        with context:
+            x = part.latents[:, index]
+            out = adapter.model_output(unet, x, part.timesteps[index], part.embeds)
+            step = policy.step(out, x, index, prev_sample=part.latents[:, index + 1])
+            loss(index, rows, step).float().backward()
+
+
 def backward_weighted_log_probs(
     adapter: StableDiffusionAdapter,
     policy: DDIMPolicy,
@@ -98,18 +129,13 @@ def backward_weighted_log_probs(
     coef: torch.Tensor,
     no_sync=None,
 ) -> None:
-    """Accumulate ``∇ Σ_{b,t} coef[b,t]·log π(step b,t)`` into the gradients, one timestep at a time.
+    """Accumulate ``∇ Σ_{b,t} coef[b,t]·log π(step b,t)`` into the gradients (``backward_per_step`` over the
+    non-zero coefficients): how a loss that depends on the network only through log-probs is trained."""
 
-    Only one UNet graph is alive at a time, so memory does not grow with the number of steps. ``no_sync``
-    (e.g. ``accelerator.no_sync(model)``) is entered for every step but the last, so distributed gradients are
-    all-reduced once per update rather than once per timestep. Steps whose coefficients are all zero are skipped.
-    """
-    steps = [t for t in range(trajectory.num_steps) if bool(coef[:, t].ne(0).any())]
-    for position, index in enumerate(steps):
-        context = no_sync() if no_sync is not None and position < len(steps) - 1 else nullcontext()
-        with context:
-            log_prob = step_log_probs(adapter, policy, unet, trajectory, index)
-            (coef[:, index].to(log_prob) * log_prob).sum().float().backward()
+    def weighted(index: int, rows: torch.Tensor, step: StepOutput) -> torch.Tensor:
+        return (coef[rows.to(coef.device), index].to(step.log_prob) * step.log_prob).sum()
+
+    backward_per_step(adapter, policy, unet, trajectory, coef.ne(0), weighted, no_sync)
 
 
 class GradSample(NamedTuple):

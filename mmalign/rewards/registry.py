@@ -16,7 +16,7 @@ from typing import Any
 
 from mmalign.rewards.base import Reward
 
-__all__ = ["ENTRY_POINT_GROUP", "available", "build", "register", "resolve"]
+__all__ = ["ENTRY_POINT_GROUP", "RewardSpec", "RewardSpecs", "available", "build", "register", "resolve"]
 
 ENTRY_POINT_GROUP = "mmalign.rewards"
 
@@ -42,6 +42,8 @@ _BUILTIN: dict[str, str] = {
 _SESSION: dict[str, str | type] = {}
 
 RewardSpec = str | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+#: the recipe field type of reward specs: names, dicts with options, or lists of dicts (a weighted sum)
+RewardSpecs = list[str | dict[str, Any] | list[dict[str, Any]]]
 
 
 def register(name: str, target: str | type) -> None:

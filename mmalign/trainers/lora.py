@@ -12,29 +12,43 @@ from pydantic import Field
 
 from mmalign.config import StrictModel
 
-__all__ = ["LoRAConfig", "attach_lora", "export_lora", "frozen_reference", "reference_policy", "trainable_state"]
+__all__ = ["LM_TARGETS", "UNET_TARGETS", "LoRAConfig", "attach_lora", "export_lora", "frozen_reference", "reference_policy", "trainable_state"]
+
+
+#: default adapter targets per model family (``LoRAConfig.target_modules: null``)
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LM_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class LoRAConfig(StrictModel):
+    """LoRA settings of every trainer (diffusion UNets and VLMs alike)."""
+
     rank: int = Field(8, ge=1, description="LoRA rank")
     alpha: float = Field(8.0, gt=0, description="LoRA scaling numerator (scale = alpha / rank)")
-    target_modules: list[str] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], description="UNet modules that get adapters"
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input")
+    target_modules: list[str] | str | None = Field(
+        None, description="module names or 'all-linear' (null: the attention projections of a UNet, the attention "
+        "and MLP projections of a language model; the LM head cannot take an adapter in TRL)",
     )
-    init: str = Field("gaussian", description="peft init_lora_weights (B starts at zero either way)")
+    init: str | bool = Field("gaussian", description="peft init_lora_weights (B starts at zero either way)")
+
+    def peft(self, default_targets: list[str], **kwargs):
+        """The ``peft.LoraConfig`` of these settings, with ``default_targets`` when none are named."""
+        from peft import LoraConfig
+
+        targets = default_targets if self.target_modules is None else self.target_modules
+        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout, init_lora_weights=self.init,
+                          target_modules=targets, **kwargs)
 
 
 def attach_lora(unet: torch.nn.Module, config: LoRAConfig) -> None:
-    """Freeze the UNet and add trainable LoRA adapters (fp32) through diffusers' peft integration."""
-    from peft import LoraConfig
+    """Freeze the UNet and add trainable LoRA adapters through diffusers' peft integration, kept in fp32 whatever
+    the UNet's dtype (``cast_training_params``) so small updates are not rounded away."""
+    from diffusers.training_utils import cast_training_params
 
     unet.requires_grad_(False)
-    unet.add_adapter(
-        LoraConfig(r=config.rank, lora_alpha=config.alpha, init_lora_weights=config.init, target_modules=config.target_modules)
-    )
-    for parameter in unet.parameters():
-        if parameter.requires_grad:
-            parameter.data = parameter.data.float()
+    unet.add_adapter(config.peft(UNET_TARGETS))
+    cast_training_params(unet, torch.float32)
 
 
 @contextmanager

@@ -1,6 +1,4 @@
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -11,16 +9,19 @@ from mmalign.config import load_recipe
 from mmalign.trainers.lora import trainable_state
 from mmalign.trainers.prdp import PRDPConfig, PRDPTrainer
 
-RUNNER = Path(__file__).with_name("prdp_run.py")
+RUNNER = Path(__file__).with_name("diffusion_run.py")
 sys.path.insert(0, str(RUNNER.parent))
-from prdp_run import config  # noqa: E402
+from diffusion_run import assert_resumes_bit_for_bit, assert_two_processes_agree, config  # noqa: E402
 
 
 def test_config_rules():
+    base = {"pipeline": "world", "prompts": {"world": "train"}, "reward": ["jpeg_compressibility"]}
     with pytest.raises(ValueError, match="must be a multiple of prompts_per_update"):
-        PRDPConfig(reward=["jpeg_compressibility"], prompts_per_epoch=6, prompts_per_update=4)
+        PRDPConfig(**base, prompts_per_epoch=6, prompts_per_update=4)
     with pytest.raises(ValueError, match="samples_per_prompt"):
-        PRDPConfig(reward=["jpeg_compressibility"], samples_per_prompt=1)
+        PRDPConfig(**base, samples_per_prompt=1)
+    with pytest.raises(ValueError, match="prompts"):  # world defaults come from recipes, not from the schema
+        PRDPConfig(pipeline="world", reward=["jpeg_compressibility"])
     recipe = load_recipe("shapes-prdp", ["epochs=3", "lora=null"])
     assert recipe.epochs == 3 and recipe.lora is None and recipe.log_rewards == ["gold"]
 
@@ -28,10 +29,10 @@ def test_config_rules():
 def test_a_few_epochs_train_lora_log_and_export(tmp_path, tiny_sd_factory):
     trainer = PRDPTrainer(config(str(tmp_path / "run"), 2), pipeline=tiny_sd_factory(seed=0), progress=False)
     trainer.setup()
-    before = {k: v.detach().clone() for k, v in trainable_state(trainer.raw_unet).items()}
+    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_unet).items()}
     assert before and all("lora" in k for k in before)
     trainer.train()
-    after = trainable_state(trainer.raw_unet)
+    after = trainable_state(trainer.loop.raw_unet)
     assert any(not torch.equal(before[k], after[k]) for k in before), "no LoRA weight changed"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -47,7 +48,7 @@ def test_a_few_epochs_train_lora_log_and_export(tmp_path, tiny_sd_factory):
     x, t, e = torch.randn(1, 4, 8, 8), 500, torch.randn(1, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(
-            plain.unet(x, t, encoder_hidden_states=e).sample, trainer.raw_unet(x, t, encoder_hidden_states=e).sample
+            plain.unet(x, t, encoder_hidden_states=e).sample, trainer.loop.raw_unet(x, t, encoder_hidden_states=e).sample
         )
 
 
@@ -57,7 +58,7 @@ def test_nearly_deterministic_steps_are_not_trained(tmp_path, tiny_sd_factory, m
     cfg = config(str(tmp_path / "run"), 1).model_copy(update={"min_step_std_fraction": 0.1})
     trainer = PRDPTrainer(cfg, pipeline=tiny_sd_factory(seed=0), progress=False)
     trainer.setup()
-    trained, stds = trainer.trained_steps, trainer.policy.stds
+    trained, stds = trainer.loop.trained_steps, trainer.loop.policy.stds
     assert trained.tolist() == [std >= 0.1 * max(stds) for std in stds]
     assert trained.any() and not trained.all()  # the last DDIM step is nearly deterministic
     coefficients, backward = [], prdp_module.backward_weighted_log_probs
@@ -70,7 +71,7 @@ def test_nearly_deterministic_steps_are_not_trained(tmp_path, tiny_sd_factory, m
     trainer.train()
     assert coefficients and all(c[:, ~trained].eq(0).all() and c[:, trained].ne(0).any() for c in coefficients)
     with pytest.raises(ValueError, match="min_step_std_fraction"):
-        PRDPConfig(reward=["jpeg_compressibility"], min_step_std_fraction=1.5)
+        PRDPConfig(pipeline="world", prompts={"world": "train"}, reward=["gold"], min_step_std_fraction=1.5)
 
 
 def test_training_raises_the_reward(tmp_path, tiny_sd_factory):
@@ -114,42 +115,18 @@ def test_nonfinite_rewards_are_skipped_and_counted(tmp_path, tiny_sd_factory):
     metrics = trainer.train()
     assert metrics["skipped_nonfinite"] == 1
     assert metrics["pairs"] == 4 * 3 - 2  # the NaN sample's two pairs are gone
-    assert all(torch.isfinite(p).all() for p in trainable_state(trainer.raw_unet).values())
-
-
-def _run(out: Path, epochs: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, str(RUNNER), str(out), str(epochs), *extra], env=env, check=check,
-                          capture_output=True, text=True, timeout=900)
+    assert all(torch.isfinite(p).all() for p in trainable_state(trainer.loop.raw_unet).values())
 
 
 @pytest.mark.slow
 def test_killed_run_resumes_bit_for_bit(tmp_path):
-    _run(tmp_path / "straight", 3)
-    killed = _run(tmp_path / "killed", 3, "--kill-after-epoch", "1", check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-00001"
-    assert not (tmp_path / "killed" / "done-rank0.json").exists()
-    _run(tmp_path / "killed", 3)
-    straight = torch.load(tmp_path / "straight" / "final-rank0.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "killed" / "final-rank0.pt", weights_only=True)
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
+    assert_resumes_bit_for_bit(tmp_path, "prdp")
 
 
 @pytest.mark.slow
 def test_two_processes_keep_identical_weights(tmp_path):
     """Two gloo processes under accelerate: each samples its own prompts, gradients are averaged."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               str(RUNNER), str(tmp_path / "ddp"), "2"]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
-    ranks = [torch.load(tmp_path / "ddp" / f"final-rank{r}.pt", weights_only=True) for r in (0, 1)]
-    for name in ranks[0]:
-        assert torch.equal(ranks[0][name], ranks[1][name]), name
+    assert_two_processes_agree(tmp_path, "prdp")
     rows = [json.loads(line) for line in (tmp_path / "ddp" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2  # written by the main process only
     assert rows[0]["pairs"] == 2 * 3  # this process's 2 prompts × C(3, 2); the other process had its own

@@ -24,12 +24,14 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from mmalign.config import Recipe, StrictModel, import_object
+from mmalign.rewards.registry import RewardSpecs
+from mmalign.trainers.lora import LM_TARGETS, LoRAConfig
+from mmalign.trainers.run import append_metrics, write_config
 
 __all__ = [
     "AggregateConfig",
     "DataSource",
     "HubVQASource",
-    "LoRASettings",
     "VLMGRPOConfig",
     "VLMGRPORecipeTrainer",
     "VQAReportConfig",
@@ -37,7 +39,6 @@ __all__ = [
     "load_rows",
 ]
 
-RewardSpecs = list[str | dict[str, Any]]
 #: named policies → a function returning their folder, as import paths (the world is reached, not imported)
 _MODEL_SOURCES = {"world": "mmalign.world.vlm:vlm_path"}
 #: GRPOConfig fields the recipe sets itself.
@@ -93,16 +94,6 @@ class VQAReportConfig(StrictModel):
     max_new_tokens: int = Field(32, ge=1)
 
 
-class LoRASettings(StrictModel):
-    rank: int = Field(16, ge=1)
-    alpha: float = Field(32.0, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | str = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="module names (or 'all-linear'); the LM head cannot take an adapter in TRL",
-    )
-
-
 class AggregateConfig(StrictModel):
     """The rewards as one ensemble per completion instead of separate TRL reward functions."""
 
@@ -123,7 +114,7 @@ class VLMGRPOConfig(Recipe):
     image_size: int | None = Field(None, ge=1, description="resize images to this square size for the rewards")
     dynamic_sampling_rounds: int | None = Field(None, ge=1, description="DAPO: extra rounds replacing flat groups")
     ref_model: str | None = Field(None, description="reference policy folder / hub id (default: the policy's own)")
-    lora: LoRASettings | None = Field(None, description="LoRA settings; null = full fine-tuning")
+    lora: LoRAConfig | None = Field(None, description="LoRA settings; null = full fine-tuning")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="dtype the policy loads in")
     attn_implementation: str | None = Field(None, description="e.g. sdpa or flash_attention_2")
     grpo: dict[str, Any] = Field(default_factory=dict, description="trl.GRPOConfig keyword arguments")
@@ -161,6 +152,10 @@ class VLMGRPOConfig(Recipe):
         if problems:
             raise ValueError("; ".join(problems))
         return out
+
+    def cleanup(self) -> None:
+        """Close TRL's trackers and process groups."""
+        self.trainer.accelerator.end_training()
 
     @model_validator(mode="after")
     def _consistent(self) -> VLMGRPOConfig:
@@ -225,18 +220,17 @@ def load_rows(source: DataSource, seed: int = 0) -> list[dict[str, Any]]:
     return rows
 
 
-def _metrics_callback(path: Path):
+def _metrics_callback(run_dir: Path):
     from transformers import TrainerCallback
 
     class JsonlMetrics(TrainerCallback):
-        """Every TRL log row to ``metrics.jsonl`` (main process), keyed by optimiser step."""
+        """Every TRL log row to ``metrics.jsonl`` (main process), with its optimiser ``step`` (TRL's ``epoch`` is
+        the fraction of the dataset seen)."""
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if not state.is_world_process_zero or not logs or "train_runtime" in logs:
                 return
-            row = {**logs, "train_epoch": logs.get("epoch"), "epoch": state.global_step, "step": state.global_step}
-            with path.open("a") as handle:
-                handle.write(json.dumps(row) + "\n")
+            append_metrics(run_dir, {**logs, "step": state.global_step})
 
     return JsonlMetrics()
 
@@ -310,10 +304,7 @@ class VLMGRPORecipeTrainer:
         )
         peft_config = None
         if cfg.lora is not None:
-            from peft import LoraConfig
-
-            peft_config = LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
-                                     target_modules=cfg.lora.target_modules, task_type="CAUSAL_LM")
+            peft_config = cfg.lora.peft(LM_TARGETS, task_type="CAUSAL_LM")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         rows = load_rows(cfg.data)
         if cfg.report is not None:
@@ -322,11 +313,11 @@ class VLMGRPORecipeTrainer:
         self.trainer = VLMGRPOTrainer(
             model, list(self.functions), args, train_dataset=dataset, processing_class=processor,
             peft_config=peft_config, ref_model=cfg.ref_model, dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
-            callbacks=[_metrics_callback(self.run_dir / "metrics.jsonl"), _reward_state_callback(self.functions)],
+            callbacks=[_metrics_callback(self.run_dir), _reward_state_callback(self.functions)],
         )
         self.processor = processor
         if self.trainer.accelerator.is_main_process:
-            (self.run_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+            write_config(self.run_dir, cfg)
         self._evaluate_before()
 
     def _without_report_rows(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -426,7 +417,7 @@ class VLMGRPORecipeTrainer:
             "train": getattr(self, "train_metrics", {}),
             "grpo": {k: v for k, v in cfg.grpo_kwargs().items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
-        return write_report(self.run_dir, before, after, keys, extra)
+        return write_report(self.run_dir, before, after, keys, extra, x="step")
 
     def export(self) -> Path:
         """The trained weights: the LoRA adapter (``lora/``) or the whole model (``model/``), with the processor."""
@@ -437,3 +428,7 @@ class VLMGRPORecipeTrainer:
             model.save_pretrained(out)
             self.processor.save_pretrained(out)
         return out
+
+    def cleanup(self) -> None:
+        """Close TRL's trackers and process groups."""
+        self.trainer.accelerator.end_training()

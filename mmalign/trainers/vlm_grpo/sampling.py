@@ -1,4 +1,4 @@
-"""DAPO dynamic sampling: which prompt groups carry a learning signal, and the seeds of refill draws.
+"""DAPO dynamic sampling: which prompt groups carry a learning signal (refill seeds: ``refill_generator``).
 
 A group of ``G`` completions of one prompt whose rewards are all equal gets zero advantages under GRPO: it
 costs a forward and backward pass and teaches nothing, and as a policy gets better more of its groups are all
@@ -16,8 +16,10 @@ completions to have spread.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
+
+# the seeds of refill draws, (seed, step, call, round): one seeded generator for every trainer
+from mmalign.trainers.run import seeded_generator as refill_generator
 
 __all__ = ["flat_groups", "refill_generator", "signal_groups"]
 
@@ -64,10 +66,3 @@ def signal_groups(
 def flat_groups(*args, **kwargs) -> torch.Tensor:
     """The complement of ``signal_groups``: groups DAPO drops."""
     return ~signal_groups(*args, **kwargs)
-
-
-def refill_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integers (run seed, step, call, round) by NumPy's SeedSequence, the same
-    on every process, so that all processes draw the same refill prompts and each keeps its own share."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> 1))

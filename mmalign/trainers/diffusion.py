@@ -1,0 +1,368 @@
+"""What every diffusion RL algorithm shares: its recipe fields and the loop around its update.
+
+``DiffusionConfig`` holds the fields every diffusion recipe has (pipeline, prompts, reward, sampler, budget,
+optimiser, LoRA, run folder, report); an algorithm's config adds its own. ``DiffusionLoop`` is the component an
+algorithm's trainer holds: ``setup`` (pipeline, LoRA or a frozen reference, DDIM-η policy, optimiser, EMA, the
+``Run``), ``train(update)`` (each epoch: ``rollout`` → ``score`` → ``update`` → log → checkpoint, resuming from
+the run folder), ``report``, ``export`` and ``cleanup``. The algorithm supplies ``update(trajectory, epoch)``
+and nothing else.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from tqdm.auto import tqdm
+
+from mmalign.config import Recipe, StrictModel
+from mmalign.eval.scoring import build_rewards
+from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.pipelines import load_sd_pipeline
+from mmalign.models.rollout import sample_trajectories, trajectory_log_probs
+from mmalign.models.stable_diffusion import StableDiffusionAdapter
+from mmalign.models.trajectory import Trajectory
+from mmalign.prompts import PromptSource, load_prompts
+from mmalign.rewards.registry import RewardSpecs
+from mmalign.trainers.lora import (
+    LoRAConfig,
+    attach_lora,
+    export_lora,
+    frozen_reference,
+    reference_policy,
+    trainable_state,
+)
+from mmalign.trainers.run import Run
+
+__all__ = ["DiffusionConfig", "DiffusionLoop", "ReportConfig", "assert_ratio_is_one", "group_stats"]
+
+
+class ReportConfig(StrictModel):
+    prompts: PromptSource = Field(description="evaluation prompts")
+    samples_per_prompt: int = Field(4, ge=1, description="samples per evaluation prompt (n = prompts × this)")
+    rewards: RewardSpecs = Field(default_factory=list, description="rewards reported, beside the trained one")
+    seed: int = Field(1234, description="noise seed of the evaluation samples (same before and after)")
+    grid_prompts: int = Field(8, ge=0, description="prompts in the before/after image grids")
+
+
+class DiffusionConfig(Recipe):
+    """Fields of every diffusion RL recipe."""
+
+    pipeline: str = Field(description="'world' (the shipped shapes pipeline), a hub id or a folder")
+    prompts: PromptSource = Field(description="training prompts")
+    reward: RewardSpecs = Field(min_length=1, description="reward specs; several are summed with their weights")
+    log_rewards: RewardSpecs = Field(default_factory=list, description="rewards logged each epoch, not trained on")
+    epochs: int = Field(10, ge=1)
+    prompts_per_epoch: int = Field(8, ge=1, description="prompts sampled per epoch (over all processes)")
+    samples_per_prompt: int = Field(4, ge=2, description="trajectories per prompt (a group)")
+    inner_steps: int = Field(1, ge=1, description="K: passes over each epoch's samples")
+    prompts_per_update: int = Field(4, ge=1, description="prompt groups per optimiser step, per process")
+    num_steps: int = Field(20, ge=1, description="DDIM sampling steps")
+    eta: float = Field(1.0, gt=0, description="DDIM η (stochasticity of the policy)")
+    shared_initial_noise: bool = Field(
+        False, description="a prompt's samples start from one initial noise, so reward differences are the steps' doing"
+    )
+    min_step_std_fraction: float = Field(
+        0.1, ge=0, le=1,
+        description="steps whose policy std is below this fraction of the largest step's are not trained "
+        "(they stay in sampling): see docs/trainers/prdp.md",
+    )
+    guidance_scale: float = Field(5.0, ge=1)
+    learning_rate: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    lora: LoRAConfig | None = Field(default_factory=LoRAConfig, description="LoRA settings; null = full fine-tuning")
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    gradient_checkpointing: bool = False
+    ema_decay: float | None = Field(None, gt=0, lt=1, description="EMA of the trained weights, used for export")
+    seed: int = Field(0, ge=0, description="seed of every random draw (prompts, noise, shuffles)")
+    output_dir: str = Field(description="the run folder")
+    checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    report: ReportConfig | None = Field(None, description="before/after evaluation")
+    trackers: list[str] = Field(default_factory=list, description="accelerate trackers (tensorboard, wandb, …)")
+    sample_images: int = Field(4, ge=0, description="samples of each checkpointed epoch sent to the trackers")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DiffusionConfig:
+        if self.prompts_per_epoch % self.prompts_per_update:
+            raise ValueError(
+                f"prompts_per_epoch ({self.prompts_per_epoch}) must be a multiple of prompts_per_update "
+                f"({self.prompts_per_update})"
+            )
+        return self
+
+
+def group_stats(prefix: str, values: torch.Tensor) -> dict[str, float]:
+    """``prefix/mean`` and ``prefix/std`` over the finite values."""
+    finite = values[torch.isfinite(values)].double()
+    if finite.numel() == 0:
+        return {f"{prefix}/mean": float("nan"), f"{prefix}/std": float("nan")}
+    return {f"{prefix}/mean": float(finite.mean()), f"{prefix}/std": float(finite.std()) if finite.numel() > 1 else 0.0}
+
+
+def assert_ratio_is_one(new: torch.Tensor, old: torch.Tensor, rtol: float = 0.0) -> None:
+    """Before the first update θ = θ_old: re-scoring a sampled step must give its sampled log-prob (exactly for
+    the same batch; within ``rtol`` when the batch differs, since fp32 kernels round differently for other batch
+    shapes), or every ratio and clip decision would rest on a mismatch instead of the update."""
+    new = new.detach().to(old)
+    same = torch.equal(new, old) if rtol == 0 else torch.allclose(new, old, rtol=rtol, atol=0.0)
+    if not same:
+        raise RuntimeError(
+            "re-scoring sampled steps does not reproduce their log-probs: the ratio is not 1 before the first update "
+            f"(max |Δ| = {float((new - old).abs().max()):.3g} nats, rtol {rtol:g})"
+        )
+
+
+class DiffusionLoop:
+    """The shared loop of a diffusion RL trainer (see the module docstring).
+
+    Args:
+        config: the recipe.
+        pipeline: a pipeline to train instead of loading ``config.pipeline`` (tests build tiny ones in code).
+        needs_reference: store π_ref's log-prob of every sampled step (``trajectory.ref_log_probs``).
+    """
+
+    def __init__(self, config: DiffusionConfig, pipeline=None, progress: bool = True, needs_reference: bool = True):
+        self.config, self._pipeline, self.progress = config, pipeline, progress
+        self.needs_reference = needs_reference
+        self.state: dict[str, Any] = {}  # the algorithm's resumable state: name → object with state_dict()
+
+    # ------------------------------------------------------------------------------------------- setup
+    def setup(self) -> None:
+        cfg = self.config
+        self.run = Run(cfg, cfg.output_dir, cfg.seed, cfg.mixed_precision, cfg.trackers, f"mmalign-{cfg.task}",
+                       self.progress)
+        device = self.run.device
+        pipe = self._pipeline or load_sd_pipeline(cfg.pipeline)
+        pipe.to(device)
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        self.ref_copy = None
+        if cfg.lora is not None:
+            attach_lora(pipe.unet, cfg.lora)
+        else:
+            self.ref_copy = frozen_reference(pipe.unet)
+            pipe.unet.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            pipe.unet.enable_gradient_checkpointing()
+        self.adapter = StableDiffusionAdapter(pipe, cfg.guidance_scale)
+        self.policy = DDIMPolicy(pipe.scheduler.config, cfg.num_steps, cfg.eta)
+        floor = cfg.min_step_std_fraction * max(self.policy.stds)
+        self.trained_steps = torch.tensor([std >= floor for std in self.policy.stds])
+        params = list(trainable_state(pipe.unet).values())
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.unet, self.optimizer = self.run.accelerator.prepare(pipe.unet, optimizer)
+        self.ema = None
+        if cfg.ema_decay is not None:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(params, decay=cfg.ema_decay)
+        self.reward = _single_reward(cfg.reward, device)
+        self.log_rewards = build_rewards(cfg.log_rewards, device)
+        self.prompts = load_prompts(cfg.prompts)
+        if cfg.prompts_per_epoch % self.run.accelerator.num_processes:
+            raise ValueError(f"prompts_per_epoch: {cfg.prompts_per_epoch} does not split over "
+                             f"{self.run.accelerator.num_processes} processes")
+        self.start_epoch, self.step = 0, 0
+
+    @property
+    def accelerator(self):
+        return self.run.accelerator
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run.run_dir
+
+    @property
+    def raw_unet(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.unet)
+
+    def resume(self) -> None:
+        """Continue from the run folder's latest checkpoint: weights, optimiser, scaler, EMA, algorithm state."""
+        checkpoint = self.run.resume(trainable_state(self.raw_unet), self.optimizer)
+        if checkpoint is None:
+            return
+        if self.ema is not None and checkpoint.extra.get("ema"):
+            self.ema.load_state_dict(checkpoint.extra["ema"])
+            self.ema.to(self.run.device)
+        for name, obj in self.state.items():
+            obj.load_state_dict(checkpoint.extra[name])
+        self.start_epoch, self.step = checkpoint.state["epoch"] + 1, checkpoint.state["step"]
+
+    # ------------------------------------------------------------------------------------------- train
+    def train(self, update: Callable[[Trajectory, int], dict[str, Any]], name: str = "train") -> dict[str, Any]:
+        """Epochs from the last checkpoint on: ``rollout`` → ``score`` → ``update`` → log → checkpoint."""
+        cfg = self.config
+        self.resume()
+        bar = tqdm(range(self.start_epoch, cfg.epochs), desc=name, unit="epoch",
+                   disable=not (self.progress and self.run.is_main))
+        metrics: dict[str, Any] = {}
+        for epoch in bar:
+            start = time.perf_counter()
+            trajectory = self.rollout(epoch)
+            metrics = self.score(trajectory)
+            metrics.update(update(trajectory, epoch))
+            metrics.update(epoch=epoch, step=self.step, samples_per_s=len(trajectory) / (time.perf_counter() - start))
+            self.run.log(metrics, self.step)
+            bar.set_postfix(reward=f"{metrics['reward/mean']:.4g}", loss=f"{metrics['loss']:.3g}")
+            if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
+                self.save_checkpoint(epoch)
+                self._log_samples(trajectory)
+        return metrics
+
+    def rollout(self, epoch: int) -> Trajectory:
+        """This process's share of the epoch's prompts, ``samples_per_prompt`` trajectories each (π_ref's log-probs
+        too when needed). ``metadata[i]`` holds the sample's ``group`` and its ``prompt_index`` in the prompt set."""
+        cfg, acc = self.config, self.accelerator
+        picks = torch.randint(len(self.prompts), (cfg.prompts_per_epoch,), generator=self.run.generator(epoch, 0, True))
+        mine = picks.tolist()[acc.process_index :: acc.num_processes]
+        first_group = acc.process_index * len(mine)
+        texts, metadata = [], []
+        for g, index in enumerate(mine):
+            text, meta = self.prompts[index]
+            for _ in range(cfg.samples_per_prompt):
+                texts.append(text)
+                metadata.append({**meta, "group": first_group + g, "prompt_index": index})
+        self.unet.eval()
+        with acc.autocast():
+            trajectory = sample_trajectories(
+                self.adapter, self.policy, texts, metadata, self.run.generator(epoch, 0), unet=self.raw_unet,
+                group_size=cfg.samples_per_prompt if cfg.shared_initial_noise else 1,
+            )
+            if self.needs_reference:
+                with reference_policy(self.raw_unet, self.ref_copy) as ref:
+                    trajectory.ref_log_probs = trajectory_log_probs(self.adapter, self.policy, ref, trajectory)
+            if epoch == self.start_epoch:  # the training path must re-score exactly what sampling produced
+                assert_ratio_is_one(trajectory_log_probs(self.adapter, self.policy, self.unet, trajectory),
+                                    trajectory.log_probs)
+        return trajectory
+
+    def score(self, trajectory: Trajectory) -> dict[str, float]:
+        """Rewards of the samples (NaN where a reward failed), the logged rewards, and their statistics over all
+        processes; ``zero_spread_groups`` is the fraction of prompt groups whose rewards are all equal."""
+        acc = self.accelerator
+        with torch.no_grad():
+            out = self.reward(trajectory.media())
+            logged = {name: reward(trajectory.media()).scores for name, reward in self.log_rewards.items()}
+        trajectory.rewards = out.scores.float().to(acc.device)
+        trajectory.reward_components = {k: v.float().to(acc.device) for k, v in out.components.items()}
+        metrics = group_stats("reward", acc.gather(trajectory.rewards))
+        for name, values in trajectory.reward_components.items():
+            metrics.update(group_stats(f"reward/{name}", acc.gather(values)))
+        for name, values in logged.items():
+            metrics.update(group_stats(name, acc.gather(values.float().to(acc.device))))
+        rewards = trajectory.rewards.view(-1, self.config.samples_per_prompt)
+        flat = (rewards.max(1).values - rewards.min(1).values).eq(0) & torch.isfinite(rewards).all(1)
+        metrics["zero_spread_groups"] = float(acc.gather(flat.float()).mean())
+        metrics["skipped_nonfinite"] = int(acc.gather((~torch.isfinite(trajectory.rewards)).float()).sum())
+        return metrics
+
+    def minibatches(self, trajectory: Trajectory, epoch: int, k: int) -> Iterator[torch.Tensor]:
+        """Indices of the samples of each optimiser step of pass ``k``: ``prompts_per_update`` whole prompt
+        groups, in an order drawn from the run's generators."""
+        groups = trajectory.groups
+        ids = groups.unique()
+        order = ids[torch.randperm(len(ids), generator=self.run.generator(epoch, 1 + k))]
+        for start in range(0, len(order), self.config.prompts_per_update):
+            yield torch.isin(groups, order[start : start + self.config.prompts_per_update]).nonzero().squeeze(1)
+
+    def no_sync(self):
+        """For ``backward_per_step``: gradients are all-reduced once per optimiser step."""
+        return self.accelerator.no_sync(self.unet)
+
+    def optimizer_step(self) -> float:
+        """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""
+        cfg = self.config
+        grad_norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm or float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.step(trainable_state(self.raw_unet).values())
+        self.step += 1
+        return float(grad_norm)
+
+    # -------------------------------------------------------------------------------------- bookkeeping
+    def save_checkpoint(self, epoch: int) -> None:
+        extra = {"ema": self.ema.state_dict() if self.ema is not None else {}}
+        extra.update({name: obj.state_dict() for name, obj in self.state.items()})
+        self.run.save_checkpoint(epoch, self.step, trainable_state(self.raw_unet), self.optimizer, extra,
+                                 self.config.keep_checkpoints)
+
+    def _log_samples(self, trajectory: Trajectory) -> None:
+        n = min(self.config.sample_images, len(trajectory))
+        if n and self.config.trackers:
+            from mmalign.eval.grid import image_grid
+
+            labels = [f"{p}\nreward {float(r):.3f}" for p, r in zip(trajectory.prompts[:n], trajectory.rewards[:n])]
+            self.run.log_images({"samples": image_grid(trajectory.pixels[:n], labels, columns=n)}, self.step)
+
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """The EMA weights swapped in (for the report's "after" and for export), the live ones back after."""
+        if self.ema is None:
+            yield
+            return
+        params = list(trainable_state(self.raw_unet).values())
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
+    def report(self, curve_keys: list[str]) -> dict[str, Any] | None:
+        """Evaluate π_ref (before) and the trained policy (after) on the report prompts with the same seeds; write
+        ``summary.json``, ``curves.png`` and ``grid.png`` to the run folder and the grid to the trackers."""
+        from mmalign.eval.generator import evaluate_generator
+        from mmalign.eval.report import write_report
+
+        cfg = self.config
+        if cfg.report is None or not self.run.is_main:
+            return None
+        rewards = {"reward": self.reward, **build_rewards(cfg.report.rewards, self.run.device)}
+        prompts = load_prompts(cfg.report.prompts)
+        runs = {}
+        for tag in ("before", "after"):
+            with torch.no_grad(), self.accelerator.autocast(), self.ema_weights():
+                context = reference_policy(self.raw_unet, self.ref_copy) if tag == "before" else nullcontext(self.raw_unet)
+                with context as unet:
+                    runs[tag] = evaluate_generator(
+                        self.adapter, self.policy, prompts, rewards, cfg.report.samples_per_prompt, cfg.report.seed,
+                        progress=self.progress, unet=unet,
+                    )
+        extra = {"epochs": cfg.epochs, "steps": self.step, "report_prompts": cfg.report.prompts.model_dump()}
+        keys = ["reward", *self.log_rewards, *curve_keys]
+        summary = write_report(self.run_dir, runs["before"], runs["after"], keys, extra, limit=cfg.report.grid_prompts)
+        if summary.get("grid"):
+            from PIL import Image
+
+            self.run.log_images({"report/grid": Image.open(self.run_dir / summary["grid"]).convert("RGB")}, self.step)
+        return summary
+
+    def export(self) -> Path:
+        """The trained weights for plain diffusers: LoRA (``pipe.load_lora_weights``) or the whole pipeline."""
+        self.accelerator.wait_for_everyone()
+        out = self.run_dir / ("lora" if self.config.lora is not None else "pipeline")
+        if self.run.is_main:
+            with self.ema_weights():
+                if self.config.lora is not None:
+                    export_lora(self.raw_unet, out)
+                else:
+                    self.adapter.pipeline.save_pretrained(out)
+        return out
+
+    def cleanup(self) -> None:
+        self.run.cleanup()
+
+
+def _single_reward(specs: RewardSpecs, device) -> torch.nn.Module:
+    """The trained reward: several specs become one weighted sum, so the loss sees one score per sample."""
+    from mmalign.rewards import build
+
+    return build(specs if len(specs) > 1 else specs[0]).to(device)

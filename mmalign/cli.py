@@ -155,10 +155,21 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     from mmalign.models.pipelines import load_sd_pipeline
-    from mmalign.trainers.bench import bench_prdp_update, format_train_rows
+    from mmalign.trainers.bench import (
+        bench_algorithms,
+        bench_prdp_update,
+        format_algorithm_rows,
+        format_train_rows,
+    )
 
-    rows = bench_prdp_update(load_sd_pipeline(args.pipeline).to(args.device), args.group_sizes, args.steps)
-    print(format_train_rows(rows))
+    def load():
+        return load_sd_pipeline(args.pipeline).to(args.device)
+
+    print(f"{args.prompts} prompts × {args.samples_per_prompt} samples, {args.steps} DDIM steps, LoRA, on {args.device}")
+    print(format_algorithm_rows(bench_algorithms(load, args.algorithms, args.prompts, args.samples_per_prompt, args.steps)))
+    if args.prdp_paths:
+        print("\nPRDP update, per-timestep vs whole-graph backward:")
+        print(format_train_rows(bench_prdp_update(load(), args.group_sizes, args.steps)))
     return 0
 
 
@@ -237,12 +248,17 @@ def build_parser() -> argparse.ArgumentParser:
     rewards_bench.add_argument("--out", help="write the figures as JSON")
     rewards_bench.set_defaults(func=_cmd_bench_rewards)
     train_bench = benches.add_parser(
-        "train", help="PRDP update: per-timestep vs whole-graph backward (time, memory, growth in B)",
-        description="One PRDP update per group size B with the memory-light per-timestep backward and with the "
-        "whole-graph backward: seconds, samples/s and peak memory saved for backward, as a ratio.",
+        "train", help="the diffusion algorithms side by side: samples/s and peak memory at equal batch",
+        description="PRDP, DDPO and diffusion GRPO, each its own trainer for a few epochs at the same batch: seconds "
+        "per epoch, samples/s, peak memory saved for backward (and CUDA's peak). --prdp-paths adds one PRDP update "
+        "per group size B with the per-timestep and the whole-graph backward.",
     )
     train_bench.add_argument("--pipeline", default="world", help="'world', a hub id or a pipeline folder")
-    train_bench.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8, 16])
+    train_bench.add_argument("--algorithms", nargs="+", default=["prdp", "ddpo", "diffusion_grpo"])
+    train_bench.add_argument("--prompts", type=int, default=2, help="prompts per epoch")
+    train_bench.add_argument("--samples-per-prompt", type=int, default=4)
+    train_bench.add_argument("--prdp-paths", action="store_true", help="also PRDP's two backward paths")
+    train_bench.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8, 16], help="B for --prdp-paths")
     train_bench.add_argument("--steps", type=int, default=10, help="DDIM steps of the trajectories")
     train_bench.add_argument("--device", default="cpu")
     train_bench.set_defaults(func=_cmd_bench_train)

@@ -1,6 +1,10 @@
-"""``mmalign bench train``: cost of a PRDP update, memory-light per-timestep backward vs the whole-graph one.
+"""``mmalign bench train``: the diffusion algorithms side by side, and PRDP's two backward paths.
 
-Both paths compute the same gradient (a test checks it). The whole-graph path keeps every timestep's UNet
+``bench_algorithms`` runs each algorithm's own trainer (PRDP, DDPO, diffusion GRPO) for a few epochs at the same
+batch (prompts × samples per prompt, steps, LoRA) on one pipeline, and reports samples/s of an epoch (rollout,
+scoring and update) and the peak memory of its update.
+
+For PRDP's update, both backward paths compute the same gradient (a test checks it). The whole-graph path keeps every timestep's UNet
 activations alive until one backward; the per-timestep path keeps one. Memory is measured as the peak bytes
 of tensors saved for backward (device-independent, via autograd's saved-tensor hooks; on CUDA the allocator's
 peak is reported too). Time per sample at several group sizes B shows that the C(B, 2) pairs cost nothing: the
@@ -10,8 +14,11 @@ network work is linear in B.
 from __future__ import annotations
 
 import functools
+import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -25,7 +32,15 @@ from mmalign.models.rollout import (
 from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.trainers.prdp_loss import pair_indices, rdp_coefficients, rdp_loss
 
-__all__ = ["SavedTensorMeter", "TrainBenchRow", "bench_prdp_update", "format_train_rows"]
+__all__ = [
+    "AlgorithmBenchRow",
+    "SavedTensorMeter",
+    "TrainBenchRow",
+    "bench_algorithms",
+    "bench_prdp_update",
+    "format_algorithm_rows",
+    "format_train_rows",
+]
 
 
 class _Saved:
@@ -131,4 +146,74 @@ def format_train_rows(rows: list[TrainBenchRow]) -> str:
             f"{r.path:<13} {r.samples:>4} {r.seconds:>9.2f} {r.samples_per_s:>10.2f} {r.peak_saved_mb:>9.1f} "
             f"{ratio:>12.3f}x {r.seconds / r.samples:>9.3f}"
         )
+    return "\n".join(lines)
+
+
+@dataclass
+class AlgorithmBenchRow:
+    task: str
+    samples: int  # per epoch
+    seconds: float  # per epoch, after the first
+    peak_saved_mb: float  # tensors saved for backward during the update
+    peak_cuda_mb: float | None
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds
+
+
+def bench_algorithms(
+    load_pipeline,
+    tasks: Sequence[str] = ("prdp", "ddpo", "diffusion_grpo"),
+    prompts: int = 2,
+    samples_per_prompt: int = 4,
+    num_steps: int = 10,
+    epochs: int = 3,
+) -> list[AlgorithmBenchRow]:
+    """Each task's trainer on a fresh ``load_pipeline()``, at one batch and sampler; the first epoch (which also
+    checks the re-scoring) is not timed. The reward is JPEG incompressibility: cheap, and the same for all."""
+    from mmalign.config import TASKS, import_object
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt_file = Path(tmp) / "prompts.txt"
+        prompt_file.write_text("\n".join(f"a photo of thing number {i}" for i in range(prompts)) + "\n")
+        for task in tasks:
+            schema, trainer_class = import_object(TASKS[task].config), import_object(TASKS[task].trainer)
+            config = schema(
+                pipeline="given", prompts={"file": str(prompt_file)}, reward=["jpeg_incompressibility"],
+                epochs=epochs, prompts_per_epoch=prompts, samples_per_prompt=samples_per_prompt,
+                prompts_per_update=prompts, num_steps=num_steps, output_dir=str(Path(tmp) / task), report=None,
+            )
+            trainer = trainer_class(config, pipeline=load_pipeline(), progress=False)
+            trainer.setup()
+            loop, seconds, peak_saved, peak_cuda = trainer.loop, 0.0, 0.0, None
+            cuda = torch.cuda.is_available()
+            for epoch in range(epochs):
+                if cuda:
+                    torch.cuda.reset_peak_memory_stats()
+                start = time.perf_counter()
+                trajectory = loop.rollout(epoch)
+                loop.score(trajectory)
+                with SavedTensorMeter() as meter:
+                    trainer.update(trajectory, epoch)
+                if cuda:
+                    torch.cuda.synchronize()
+                    peak_cuda = max(peak_cuda or 0.0, torch.cuda.max_memory_allocated() / 2**20)
+                if epoch > 0:
+                    seconds += time.perf_counter() - start
+                peak_saved = max(peak_saved, meter.peak / 2**20)
+            trainer.cleanup()
+            rows.append(AlgorithmBenchRow(task, prompts * samples_per_prompt, seconds / max(epochs - 1, 1),
+                                          peak_saved, peak_cuda))
+    return rows
+
+
+def format_algorithm_rows(rows: list[AlgorithmBenchRow]) -> str:
+    cuda = any(r.peak_cuda_mb is not None for r in rows)
+    head = f"{'algorithm':<15} {'samples':>8} {'s/epoch':>8} {'samples/s':>10} {'saved MB':>9}"
+    lines = [head + (f" {'CUDA peak MB':>13}" if cuda else ""), "-" * (len(head) + (14 if cuda else 0))]
+    for r in rows:
+        line = f"{r.task:<15} {r.samples:>8} {r.seconds:>8.2f} {r.samples_per_s:>10.2f} {r.peak_saved_mb:>9.1f}"
+        lines.append(line + (f" {r.peak_cuda_mb:>13.1f}" if cuda else ""))
     return "\n".join(lines)

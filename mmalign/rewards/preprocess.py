@@ -1,7 +1,8 @@
 """Image preprocessing for vision backbones, in torch, so gradients reach the pixels.
 
 A PIL round-trip (what ``open_clip``'s and ``transformers``' processors do) silently cuts the graph; these
-functions reproduce the same resize → centre crop → normalise on tensors instead.
+functions reproduce the same resize → centre crop → normalise on tensors with
+``torchvision.transforms.v2.functional``, whose size rule is the one open_clip's transforms use.
 """
 
 from __future__ import annotations
@@ -9,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["resize_center_crop", "normalize", "to_model_input"]
 
-_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}
+_MODES = {"bicubic": InterpolationMode.BICUBIC, "bilinear": InterpolationMode.BILINEAR,
+          "nearest": InterpolationMode.NEAREST}
 
 
 def resize_center_crop(pixels: torch.Tensor, size: int | tuple[int, int], interpolation: str = "bicubic") -> torch.Tensor:
@@ -24,27 +27,22 @@ def resize_center_crop(pixels: torch.Tensor, size: int | tuple[int, int], interp
     if interpolation not in _MODES:
         raise ValueError(f"interpolation: expected one of {sorted(_MODES)}, got {interpolation!r}")
     out_h, out_w = (size, size) if isinstance(size, int) else size
-    h, w = pixels.shape[-2:]
-    if (h, w) != (out_h, out_w):
-        # torchvision's rule (what open_clip's transforms use): the longer side is truncated, not rounded
+    if pixels.shape[-2:] == (out_h, out_w):
+        return pixels
+    mode = _MODES[interpolation]
+    if out_h == out_w:
+        target = [out_h]  # the shorter side to the target, the longer by torchvision's (truncating) rule
+    else:
+        h, w = pixels.shape[-2:]
         scale = max(out_h / h, out_w / w)
-        new_h, new_w = max(out_h, int(h * scale)), max(out_w, int(w * scale))
-        if (new_h, new_w) != (h, w):
-            mode = _MODES[interpolation]
-            pixels = F.interpolate(
-                pixels, size=(new_h, new_w), mode=mode, antialias=mode != "nearest",
-                **({} if mode == "nearest" else {"align_corners": False}),
-            )
-        top, left = round((pixels.shape[-2] - out_h) / 2), round((pixels.shape[-1] - out_w) / 2)
-        pixels = pixels[..., top : top + out_h, left : left + out_w]
-    return pixels
+        target = [max(out_h, int(h * scale)), max(out_w, int(w * scale))]
+    pixels = TF.resize(pixels, target, interpolation=mode, antialias=mode != InterpolationMode.NEAREST)
+    return TF.center_crop(pixels, [out_h, out_w])
 
 
 def normalize(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """Per-channel ``(x - mean) / std`` for ``(B,C,H,W)``."""
-    mean_t = torch.as_tensor(mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-    std_t = torch.as_tensor(std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-    return (pixels - mean_t) / std_t
+    return TF.normalize(pixels, list(mean), list(std))
 
 
 def to_model_input(

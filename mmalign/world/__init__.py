@@ -6,7 +6,6 @@ tutorials (see docs/world.md).
 
 from mmalign.world.assets import load_pipeline, load_proxy, pipeline_path, proxy_path
 from mmalign.world.captions import Prompt, caption, prompt_set, read_prompts, vocabulary, write_prompts
-from mmalign.world.corrupt import CORRUPTIONS, corrupt
 from mmalign.world.detect import DetectedObject, Detection, detect
 from mmalign.world.gold import GoldReward
 from mmalign.world.render import render, render_batch
@@ -30,7 +29,6 @@ from mmalign.world.vlm import load_vlm, vlm_path
 __all__ = [
     "BACKGROUNDS",
     "COLOURS",
-    "CORRUPTIONS",
     "DetectedObject",
     "Detection",
     "GoldResult",
@@ -45,7 +43,6 @@ __all__ = [
     "Scene",
     "SceneObject",
     "caption",
-    "corrupt",
     "detect",
     "layout",
     "load_pipeline",

@@ -29,12 +29,13 @@ from pathlib import Path
 
 import torch
 
+from mmalign.eval.agreement import agreement
 from mmalign.eval.best_of_k import variance_components
 from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.generator import IMAGE_SIZE, GeneratorRecipe, build_generator
 from mmalign.world.preference import PreferenceRecipe, build_preference
-from mmalign.world.proxy import ProxyRecipe, agreement, build_proxy, proxy_scores
+from mmalign.world.proxy import ProxyRecipe, build_proxy, proxy_scores
 from mmalign.world.render import render_batch
 from mmalign.world.verify import verify_batch
 from mmalign.world.vlm import build_vlm

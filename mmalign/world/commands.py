@@ -9,84 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 
-__all__ = ["add_world_parser", "scene_from_prompt"]
-
-
-def scene_from_prompt(prompt: str, seed: int = 0):
-    """The ``Scene`` a grammar caption states, laid out at random by ``seed``; ``ValueError`` otherwise.
-
-    Reads the grammar's own phrase tables, so every caption that ``caption()`` writes parses back.
-    """
-    from mmalign.world.captions import (
-        BACKGROUND_PHRASES,
-        BACKGROUND_WORDS,
-        COUNT_WORDS,
-        POSITION_PHRASES,
-        RELATION_PHRASES,
-        SHAPE_WORDS,
-    )
-    from mmalign.world.scenes import COLOURS, SIZES, Scene, SceneObject, layout
-
-    words = prompt.lower().split()
-    counts = {w: n for n, w in COUNT_WORDS.items()}
-    nouns = {w: s for s, pairs in SHAPE_WORDS.items() for pair in pairs for w in pair}
-    positions = {tuple(p.split()): name for name, ps in POSITION_PHRASES.items() for p in ps}
-    relations = {tuple(p.split()): (name, k == 1) for name, ps in RELATION_PHRASES.items() for k, p in enumerate(ps)}
-    backgrounds = {tuple(p.format(w).split()): name for name, ws in BACKGROUND_WORDS.items() for w in ws
-                   for p in BACKGROUND_PHRASES}
-
-    def match(table: dict, at: int):
-        for phrase, value in table.items():
-            if tuple(words[at : at + len(phrase)]) == phrase:
-                return value, at + len(phrase)
-        return None, at
-
-    def fail(at: int):
-        return ValueError(f"prompt: expected a caption of the world grammar, could not read {prompt!r} at word "
-                          f"{at + 1} ({' '.join(words[at:at + 3]) or 'end'!r})")
-
-    groups, relation, swapped, background, i = [], None, False, None, 0
-    while True:
-        count = counts.get(words[i]) if i < len(words) else None
-        if count is None:
-            raise fail(i)
-        i += 1
-        size = words[i] if i < len(words) and words[i] in ("small", "large") else None
-        i += size is not None
-        if i + 1 >= len(words) or words[i] not in COLOURS or words[i + 1] not in nouns:
-            raise fail(i)
-        colour, shape = words[i], nouns[words[i + 1]]
-        position, i = match(positions, i + 2)
-        groups.append((count, colour, shape, size, position))
-        if i < len(words) and words[i] == "and":
-            i += 1
-            continue
-        rel, j = match(relations, i)
-        if rel is not None and relation is None and len(groups) == 1:
-            (relation, swapped), i = rel, j
-            continue
-        background, i = match(backgrounds, i)
-        if i != len(words):
-            raise fail(i)
-        break
-    if swapped:
-        groups.reverse()
-    total = sum(g[0] for g in groups)
-    scale = {1: None, 2: SIZES["medium"], 3: SIZES["small"]}.get(total)
-    if scale is None and total != 1:
-        raise ValueError(f"prompt: expected 1 to 3 objects, got {total} in {prompt!r}")
-    objects = tuple(
-        SceneObject(shape, colour, scale=scale or SIZES[size or "medium"], position=position, size=size)
-        for count, colour, shape, size, position in groups
-        for _ in range(count)
-    )
-    scene = Scene(objects, background or "black", background is not None, relation)
-    return layout(scene, seed)
+__all__ = ["add_world_parser"]
 
 
 def _scenes_and_prompts(args: argparse.Namespace):
     """``(scenes, prompts)`` from ``--prompt`` (repeated ``--n`` times) or ``--split``'s prompt set."""
-    from mmalign.world.captions import prompt_set
+    from mmalign.world.captions import prompt_set, scene_from_prompt
 
     if args.prompt:
         scene = scene_from_prompt(args.prompt, args.seed)
@@ -139,6 +67,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from PIL import Image
 
+    from mmalign.world.captions import scene_from_prompt
     from mmalign.world.scenes import Scene
     from mmalign.world.verify import verify
 

@@ -20,15 +20,15 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from mmalign.rewards.bradley_terry import bradley_terry_loss
 from mmalign.world.assets import generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.proxy import clip_step, paired_cosines, proxy_scores
 from mmalign.world.verify import verify_batch
 
-__all__ = ["Comparisons", "PreferenceRecipe", "bradley_terry_loss", "sample_comparisons", "train_preference",
+__all__ = ["Comparisons", "PreferenceRecipe", "sample_comparisons", "train_preference",
            "compare_on_heldout", "build_preference"]
 
 
@@ -81,19 +81,6 @@ def sample_comparisons(pipe, recipe: PreferenceRecipe, split: str = "train", bat
     ])
     gold = torch.tensor([v.score for v in verify_batch(images, [p.scene for p in items])])
     return Comparisons(images, texts, gold, recipe.samples_per_prompt)
-
-
-def bradley_terry_loss(scores: torch.Tensor, gold: torch.Tensor) -> torch.Tensor:
-    """Mean ``−log σ(s_win − s_lose)`` over the pairs of each row of ``scores`` ``(G, k)`` whose ``gold`` differs
-    (ties carry no preference and are left out); 0 when no pair differs."""
-    if scores.shape != gold.shape or scores.ndim != 2:
-        raise ValueError(f"scores, gold: expected equal (G, k) shapes, got {tuple(scores.shape)}, {tuple(gold.shape)}")
-    i, j = torch.triu_indices(scores.shape[1], scores.shape[1], 1, device=scores.device)
-    sign = torch.sign(gold[:, i] - gold[:, j])
-    decided = sign != 0
-    if not decided.any():
-        return scores.sum() * 0
-    return F.softplus(-sign * (scores[:, i] - scores[:, j]))[decided].mean()
 
 
 def train_preference(model, tokenizer, data: Comparisons, recipe: PreferenceRecipe, progress: bool = True):

@@ -26,7 +26,7 @@ from mmalign.world.scenes import COLOURS, SHAPES, Scene
 from mmalign.world.tokenizer import load_tokenizer, save_tokenizer
 
 __all__ = ["ProxyRecipe", "proxy_config", "train_proxy", "clip_step", "save_proxy", "build_proxy", "paired_cosines",
-           "proxy_scores", "agreement"]
+           "proxy_scores"]
 
 MEAN = STD = (0.5, 0.5, 0.5)
 
@@ -171,34 +171,3 @@ def paired_cosines(model, images: torch.Tensor, token_ids: torch.Tensor) -> torc
 def proxy_scores(model, tokenizer, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
     """``(B,)`` cosine of each image ``(B, 3, 32, 32)`` in [0, 1] with its prompt."""
     return paired_cosines(model, images, tokenizer(list(prompts)))
-
-
-def _ranks(x: torch.Tensor) -> torch.Tensor:
-    """Average ranks (ties share their mean rank), as Spearman's correlation needs."""
-    values, inverse = torch.unique(x, return_inverse=True)
-    order = x.argsort()
-    ranks = torch.empty_like(x, dtype=torch.float64)
-    ranks[order] = torch.arange(len(x), dtype=torch.float64)
-    means = torch.zeros(len(values), dtype=torch.float64).index_add_(0, inverse, ranks)
-    return (means / torch.bincount(inverse, minlength=len(values)))[inverse]
-
-
-def agreement(proxy: torch.Tensor, gold: torch.Tensor, groups: torch.Tensor) -> dict[str, float]:
-    """How well proxy scores order samples like gold: Spearman over all, pairwise accuracy within groups.
-
-    ``groups`` ``(N,)`` ids samples of one prompt; the pairwise accuracy counts, over pairs of one group whose
-    gold scores differ, the fraction that the proxy orders the same way (ties in the proxy count a half).
-    """
-    if not proxy.shape == gold.shape == groups.shape or proxy.ndim != 1:
-        raise ValueError(f"proxy, gold, groups: expected equal (N,) shapes, got {proxy.shape}, {gold.shape}, "
-                         f"{groups.shape}")
-    rp, rg = _ranks(proxy.double()), _ranks(gold.double())
-    rp, rg = rp - rp.mean(), rg - rg.mean()
-    spearman = float((rp * rg).sum() / (rp.norm() * rg.norm()).clamp_min(1e-12))
-    same = groups[:, None] == groups[None, :]
-    dg = gold[:, None] - gold[None, :]
-    dp = proxy[:, None] - proxy[None, :]
-    pairs = same & (dg > 0)
-    right = ((dp > 0) & pairs).sum() + 0.5 * ((dp == 0) & pairs).sum()
-    return {"spearman": spearman, "pairwise_accuracy": float(right / pairs.sum().clamp_min(1)),
-            "pairs": int(pairs.sum())}

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mmalign.eval.agreement import auroc
 from mmalign.world.captions import prompt_set
 from mmalign.world.questions import (
     CAPTION,
@@ -42,7 +43,6 @@ from mmalign.world.vlm_tokenizer import build_tokenizer
 __all__ = [
     "VLMRecipe",
     "answer",
-    "auroc",
     "build_processor",
     "build_vlm",
     "evaluate_vlm",
@@ -206,14 +206,6 @@ def yes_probability(model, processor, images, questions: Sequence[str]) -> torch
     yes, no = processor.tokenizer.convert_tokens_to_ids(["yes", "no"])
     logits = model(**batch).logits[:, -1, [yes, no]].float()
     return logits.softmax(-1)[:, 0].cpu()
-
-
-def auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
-    """Probability that a random positive outscores a random negative (ties count half)."""
-    if not len(positives) or not len(negatives):
-        raise ValueError(f"positives, negatives: expected both non-empty, got {len(positives)}, {len(negatives)}")
-    diff = torch.as_tensor(positives)[:, None] - torch.as_tensor(negatives)[None, :]
-    return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
 
 
 def _renders(questions: Sequence[Question], jitter: float = 0.0, seed: int = 0) -> torch.Tensor:

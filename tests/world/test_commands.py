@@ -10,8 +10,8 @@ import torch
 from PIL import Image
 
 from mmalign.eval.grid import image_grid
-from mmalign.world.captions import prompt_set
-from mmalign.world.commands import add_world_parser, scene_from_prompt
+from mmalign.world.captions import prompt_set, scene_from_prompt
+from mmalign.world.commands import add_world_parser
 from mmalign.world.render import render
 
 

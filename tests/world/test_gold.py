@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mmalign.media import MediaBatch
-from mmalign.world import GoldReward, caption, corrupt, render_batch, sample_scenes, verify
+from mmalign.rewards.corruptions import corrupt
+from mmalign.world import GoldReward, caption, render_batch, sample_scenes, verify
 from mmalign.world.gold import ATTRIBUTE_KINDS
 
 SCENES = sample_scenes(24, "train", seed=31) + sample_scenes(8, "heldout", seed=31)

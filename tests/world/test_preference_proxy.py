@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 
-import pytest
 import torch
 
 from mmalign.world import render_batch, sample_scenes
@@ -14,34 +13,10 @@ from mmalign.world.captions import caption
 from mmalign.world.preference import (
     Comparisons,
     PreferenceRecipe,
-    bradley_terry_loss,
     train_preference,
 )
 from mmalign.world.proxy import proxy_scores
 from mmalign.world.scenes import COLOURS
-
-
-def test_bradley_terry_loss_matches_a_loop_over_pairs():
-    scores = torch.tensor([[0.3, -0.2, 1.0], [0.5, 0.1, 0.4]])
-    gold = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.2, 0.8]])
-    terms = []
-    for s, g in zip(scores.tolist(), gold.tolist()):
-        for i in range(3):
-            for j in range(i + 1, 3):
-                if g[i] != g[j]:  # ties state no preference
-                    win, lose = (s[i], s[j]) if g[i] > g[j] else (s[j], s[i])
-                    terms.append(-torch.log(torch.sigmoid(torch.tensor(win - lose))))
-    assert len(terms) == 5
-    assert bradley_terry_loss(scores, gold).item() == pytest.approx(torch.stack(terms).mean().item(), rel=1e-6)
-
-
-def test_bradley_terry_loss_without_decided_pairs_is_zero_and_keeps_the_graph():
-    scores = torch.randn(2, 3, requires_grad=True)
-    loss = bradley_terry_loss(scores, torch.full((2, 3), 0.5))
-    loss.backward()
-    assert loss.item() == 0 and torch.equal(scores.grad, torch.zeros(2, 3))
-    with pytest.raises(ValueError, match="scores, gold"):
-        bradley_terry_loss(torch.zeros(2, 3), torch.zeros(3, 2))
 
 
 def _pairwise_accuracy(model, tokenizer, data: Comparisons) -> float:

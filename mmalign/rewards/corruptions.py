@@ -1,4 +1,5 @@
-"""Artifacts that image generators produce, applied to clean images: the negatives of artifact rewards.
+"""Artifacts that image generators produce, applied to clean images: the negatives that artifact rewards and
+their benchmarks are tested on (any images, not only the world's).
 
 Each corruption takes ``strength`` in [0, 1] (0 leaves the image as it is, 1 is the strongest) and keeps
 values in [0, 1]. Randomised kinds (noise blotches, duplicated fragments) draw from ``seed``, so the same

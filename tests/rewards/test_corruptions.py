@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mmalign.world import CORRUPTIONS, corrupt, render_batch, sample_scenes
+from mmalign.rewards.corruptions import CORRUPTIONS, corrupt
+from mmalign.world import render_batch, sample_scenes
 
 IMAGES = render_batch(sample_scenes(16, "train", seed=8), 32, jitter=0.0)
 

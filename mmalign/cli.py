@@ -166,7 +166,8 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
         return load_sd_pipeline(args.pipeline).to(args.device)
 
     print(f"{args.prompts} prompts × {args.samples_per_prompt} samples, {args.steps} DDIM steps, LoRA, on {args.device}")
-    print(format_algorithm_rows(bench_algorithms(load, args.algorithms, args.prompts, args.samples_per_prompt, args.steps)))
+    rows = bench_algorithms(load, args.algorithms, args.prompts, args.samples_per_prompt, args.steps, args.epochs)
+    print(format_algorithm_rows(rows))
     if args.prdp_paths:
         print("\nPRDP update, per-timestep vs whole-graph backward:")
         print(format_train_rows(bench_prdp_update(load(), args.group_sizes, args.steps)))
@@ -257,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--algorithms", nargs="+", default=["prdp", "ddpo", "diffusion_grpo"])
     train_bench.add_argument("--prompts", type=int, default=2, help="prompts per epoch")
     train_bench.add_argument("--samples-per-prompt", type=int, default=4)
+    train_bench.add_argument("--epochs", type=int, default=4, help="epochs per algorithm (the first is not timed)")
     train_bench.add_argument("--prdp-paths", action="store_true", help="also PRDP's two backward paths")
     train_bench.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8, 16], help="B for --prdp-paths")
     train_bench.add_argument("--steps", type=int, default=10, help="DDIM steps of the trajectories")

@@ -14,6 +14,7 @@ network work is linear in B.
 from __future__ import annotations
 
 import functools
+import statistics
 import tempfile
 import time
 from collections.abc import Sequence
@@ -153,7 +154,7 @@ def format_train_rows(rows: list[TrainBenchRow]) -> str:
 class AlgorithmBenchRow:
     task: str
     samples: int  # per epoch
-    seconds: float  # per epoch, after the first
+    seconds: float  # per epoch: the median of the epochs after the first
     peak_saved_mb: float  # tensors saved for backward during the update
     peak_cuda_mb: float | None
 
@@ -168,12 +169,14 @@ def bench_algorithms(
     prompts: int = 2,
     samples_per_prompt: int = 4,
     num_steps: int = 10,
-    epochs: int = 3,
+    epochs: int = 4,
 ) -> list[AlgorithmBenchRow]:
     """Each task's trainer on a fresh ``load_pipeline()``, at one batch and sampler; the first epoch (which also
-    checks the re-scoring) is not timed. The reward is JPEG incompressibility: cheap, and the same for all."""
+    checks the re-scoring) is not timed and the median epoch is reported (a shared machine's noise). The reward is JPEG incompressibility: cheap, and the same for all."""
     from mmalign.config import TASKS, import_object
 
+    if epochs < 2:
+        raise ValueError(f"epochs: expected at least 2 (the first is not timed), got {epochs!r}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         prompt_file = Path(tmp) / "prompts.txt"
@@ -187,7 +190,7 @@ def bench_algorithms(
             )
             trainer = trainer_class(config, pipeline=load_pipeline(), progress=False)
             trainer.setup()
-            loop, seconds, peak_saved, peak_cuda = trainer.loop, 0.0, 0.0, None
+            loop, seconds, peak_saved, peak_cuda = trainer.loop, [], 0.0, None
             cuda = torch.cuda.is_available()
             for epoch in range(epochs):
                 if cuda:
@@ -201,11 +204,11 @@ def bench_algorithms(
                     torch.cuda.synchronize()
                     peak_cuda = max(peak_cuda or 0.0, torch.cuda.max_memory_allocated() / 2**20)
                 if epoch > 0:
-                    seconds += time.perf_counter() - start
+                    seconds.append(time.perf_counter() - start)
                 peak_saved = max(peak_saved, meter.peak / 2**20)
             trainer.cleanup()
-            rows.append(AlgorithmBenchRow(task, prompts * samples_per_prompt, seconds / max(epochs - 1, 1),
-                                          peak_saved, peak_cuda))
+            rows.append(AlgorithmBenchRow(task, prompts * samples_per_prompt, statistics.median(seconds), peak_saved,
+                                          peak_cuda))
     return rows
 
 

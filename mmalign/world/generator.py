@@ -365,9 +365,14 @@ def build_generator(folder: str | Path, recipe: GeneratorRecipe | None = None, p
 def _finished_vae(images: torch.Tensor, recipe: GeneratorRecipe, progress: bool, work: Path | None):
     """The VAE of this recipe: loaded from ``work`` when an earlier, interrupted build finished it."""
     from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
 
     if work is not None and (work / "vae" / "config.json").is_file():
-        return AutoencoderKL.from_pretrained(str(work / "vae")).eval().requires_grad_(False)
+        # rebuilt rather than from_pretrained, which would write the work folder's path into the shipped config
+        vae = _vae(recipe.latent_channels)
+        vae.load_state_dict(load_file(work / "vae" / "diffusion_pytorch_model.safetensors"))
+        vae.register_to_config(scaling_factor=AutoencoderKL.load_config(str(work / "vae"))["scaling_factor"])
+        return vae.eval().requires_grad_(False)
     vae = train_vae(images, recipe, progress, work / "vae.pt" if work is not None else None)
     if work is not None:
         vae.save_pretrained(str(work / ".vae.tmp"))

@@ -91,6 +91,8 @@ def test_an_interrupted_generator_build_resumes_to_the_same_weights(tmp_path, mo
         name = "model.safetensors" if part == "text_encoder" else "diffusion_pytorch_model.safetensors"
         a, b = (load_file(folder / part / name) for folder in (whole, resumed))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
+    configs = [json.loads((folder / "vae" / "config.json").read_text()) for folder in (whole, resumed)]
+    assert configs[0] == configs[1] and "_name_or_path" not in configs[1]  # no work-folder path in what ships
 
 
 def test_a_work_folder_of_another_recipe_is_not_resumed(tmp_path):

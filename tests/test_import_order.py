@@ -20,11 +20,6 @@ LAYERS = [
     {"world"},
     {"cli", "__main__"},
 ]
-#: edges against the order, each with the reason it stays for now.
-EXCEPTIONS = {
-    ("mmalign.trainers.vlm_grpo.world_vqa", "mmalign.world"): "the world's VQA rows; moves into mmalign/world/ "
-    "with tests/trainers/test_vlm_grpo.py, which imports it from here",
-}
 
 
 def _module(path: Path) -> str:
@@ -56,10 +51,6 @@ def _layer(module: str) -> int:
 GRAPH = {_module(p): _imports(p) for p in PACKAGE.rglob("*.py")}
 
 
-def _excepted(source: str, target: str) -> bool:
-    return any(source == s and (target == t or target.startswith(t + ".")) for s, t in EXCEPTIONS)
-
-
 def test_every_module_has_a_layer():
     for module in GRAPH:
         _layer(module)
@@ -70,14 +61,9 @@ def test_no_import_goes_against_the_layer_order():
         f"{source} imports {target}"
         for source, targets in GRAPH.items()
         for target in targets
-        if _layer(target) > _layer(source) and not _excepted(source, target)
+        if _layer(target) > _layer(source)
     )
     assert not backwards, "imports against the order media < rewards < models < eval < trainers < world < cli:\n" + "\n".join(backwards)
-
-
-def test_the_exceptions_are_still_needed():
-    for source, target in EXCEPTIONS:
-        assert any(t == target or t.startswith(target + ".") for t in GRAPH.get(source, ())), (source, target)
 
 
 def test_no_import_cycles():

@@ -1,11 +1,12 @@
-"""The shapes world as a VQA dataset for VLM GRPO: renders, questions, gold answers (boxes for grounding).
+"""The shapes world as a VQA dataset: renders of ``questions.question_set`` with gold answers (boxes for grounding).
 
 ``world_vqa_dataset`` yields what TRL's ``GRPOTrainer`` expects of a vision-language dataset: a
 conversational ``prompt`` (the question as the user turn; TRL puts the image in front of it), an ``image``
 column (PIL) or, with ``frames``, a ``video`` column (a list of PIL frames: the scene rendered with fresh
 jitter each frame), and the gold data that rewards read from the metadata: ``answer``, ``kind``, for
 grounding ``box`` with ``image_size``, and the ``scene`` (JSON) the question is about.
-The reward ``world_accuracy`` (``mmalign.world.answer_reward``) grades completions from those columns.
+The reward ``world_accuracy`` (``mmalign.world.answer_reward``) grades completions from those columns. VLM GRPO
+reaches these rows by import path (a recipe's ``data: world``), as generic code reaches the rest of the world.
 """
 
 from __future__ import annotations
@@ -16,13 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
+
+from mmalign.world.questions import IMAGE_SIZE, KINDS, question_set
+from mmalign.world.render import render
 
 __all__ = ["world_vqa_dataset", "world_vqa_rows"]
 
 
-def _pil(pixels: torch.Tensor):
-    from PIL import Image
-
+def _pil(pixels: torch.Tensor) -> Image.Image:
     return Image.fromarray((pixels.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
 
 
@@ -37,9 +40,6 @@ def world_vqa_rows(
     instruction: str | None = None,
 ) -> list[dict[str, Any]]:
     """Rows of ``world_vqa_dataset`` as plain dicts (see there)."""
-    from mmalign.world.questions import IMAGE_SIZE, KINDS, question_set
-    from mmalign.world.render import render
-
     size = IMAGE_SIZE if size is None else size
     if not isinstance(size, int) or size < 8:
         raise ValueError(f"size: expected an int of at least 8 pixels, got {size!r}")

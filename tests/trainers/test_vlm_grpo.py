@@ -16,7 +16,7 @@ from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
 from mmalign.trainers.vlm_grpo.rewards import RewardFunction, reward_functions
 from mmalign.trainers.vlm_grpo.trainer import VLMGRPOTrainer, with_video_part
-from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
+from mmalign.world.vqa import world_vqa_rows
 
 RUNNER = Path(__file__).with_name("vlm_grpo_run.py")
 

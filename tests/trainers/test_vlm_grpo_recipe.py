@@ -14,7 +14,7 @@ from mmalign.trainers.vlm_grpo.recipe import (
     VLMGRPORecipeTrainer,
     load_rows,
 )
-from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
+from mmalign.world.vqa import world_vqa_rows
 
 
 def _config(out, steps=2, **overrides):

@@ -16,8 +16,8 @@ from mmalign.trainers.vlm_grpo.rewards import (
     prompt_text,
     reward_functions,
 )
-from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
 from mmalign.world.answer_reward import WorldAnswerAccuracy
+from mmalign.world.vqa import world_vqa_rows
 
 
 class Column(Reward):

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmalign.trainers.vlm_grpo.sampling import flat_groups, refill_generator, signal_groups
+from mmalign.trainers.vlm_grpo.sampling import flat_groups, signal_groups
 
 nan = math.nan
 
@@ -45,10 +45,3 @@ def test_bad_arguments_name_themselves():
         signal_groups(REWARDS[:, 0], torch.ones(1), 3)
     with pytest.raises(ValueError, match="aggregation: expected one of"):
         signal_groups(REWARDS, torch.ones(2), 3, "sum")
-
-
-def test_refill_draws_are_shared_and_distinct_per_key():
-    a = torch.randint(100, (8,), generator=refill_generator(0, 5, 1, 1))
-    b = torch.randint(100, (8,), generator=refill_generator(0, 5, 1, 1))
-    c = torch.randint(100, (8,), generator=refill_generator(0, 5, 1, 2))
-    assert torch.equal(a, b) and not torch.equal(a, c)

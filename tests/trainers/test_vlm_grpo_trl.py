@@ -101,7 +101,7 @@ def test_the_config_and_the_trainer_have_the_fields_mmalign_reads(tmp_path):
     from datasets import Dataset
 
     from mmalign.trainers.vlm_grpo.rewards import reward_functions
-    from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
+    from mmalign.world.vqa import world_vqa_rows
 
     assert not CONFIG_FIELDS - set(GRPOConfig.__dataclass_fields__)
     model, processor = make_tiny_vlm(seed=0)

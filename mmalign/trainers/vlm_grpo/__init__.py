@@ -1,10 +1,9 @@
 """VLM GRPO on TRL: mmalign rewards as TRL reward functions, UWO/WCO ensembles, DAPO dynamic sampling, video
-inputs, explicit reference models, the world VQA dataset and the ``vlm_grpo`` recipe.
+inputs, explicit reference models and the ``vlm_grpo`` recipe (the world's VQA rows are ``mmalign.world.vqa``).
 
 One job per module: ``rewards`` (the adapter), ``sampling`` (which groups carry signal), ``trainer``
-(``VLMGRPOTrainer``, a small ``trl.GRPOTrainer`` subclass), ``world_vqa`` (dataset and accuracy reward),
-``evaluate`` (greedy answers, scored), ``recipe`` (YAML schema and the ``mmalign train`` runner). TRL is
-imported only by the modules that need it.
+(``VLMGRPOTrainer``, a small ``trl.GRPOTrainer`` subclass), ``evaluate`` (greedy answers, scored), ``recipe``
+(YAML schema and the ``mmalign train`` runner). TRL is imported only by the modules that need it.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ __all__ = [
     "evaluate_rows",
     "reward_functions",
     "signal_groups",
-    "world_vqa_dataset",
 ]
 
 _WHERE = {
@@ -30,7 +28,6 @@ _WHERE = {
     "reward_functions": "rewards",
     "signal_groups": "sampling",
     "VLMGRPOTrainer": "trainer",
-    "world_vqa_dataset": "world_vqa",
     "evaluate_rows": "evaluate",
     "VLMGRPOConfig": "recipe",
     "VLMGRPORecipeTrainer": "recipe",

@@ -41,12 +41,14 @@ __all__ = [
 
 #: named policies → a function returning their folder, as import paths (the world is reached, not imported)
 _MODEL_SOURCES = {"world": "mmalign.world.vlm:vlm_path"}
+#: the rows of ``data: world``, by import path as well
+_WORLD_ROWS = "mmalign.world.vqa:world_vqa_rows"
 #: GRPOConfig fields the recipe sets itself.
 _OWNED = {"output_dir": "output_dir", "seed": "seed", "report_to": "trackers"}
 
 
 class WorldVQASource(StrictModel):
-    """Questions about shapes-world renders (``mmalign.trainers.vlm_grpo.world_vqa``)."""
+    """Questions about shapes-world renders (``mmalign.world.vqa``)."""
 
     split: Literal["train", "heldout"] = "train"
     n: int = Field(512, ge=1, description="how many questions")
@@ -153,10 +155,6 @@ class VLMGRPOConfig(Recipe):
             raise ValueError("; ".join(problems))
         return out
 
-    def cleanup(self) -> None:
-        """Close TRL's trackers and process groups."""
-        self.trainer.accelerator.end_training()
-
     @model_validator(mode="after")
     def _consistent(self) -> VLMGRPOConfig:
         grpo = self.grpo_kwargs()
@@ -197,10 +195,9 @@ class VLMGRPOConfig(Recipe):
 def load_rows(source: DataSource, seed: int = 0) -> list[dict[str, Any]]:
     """VQA rows (``prompt``, ``image`` or ``video``, ``answer``, …) of a data source."""
     if source.world is not None:
-        from mmalign.trainers.vlm_grpo.world_vqa import world_vqa_rows
-
         w = source.world
-        return world_vqa_rows(w.n, w.split, w.seed, w.kinds, w.jitter, w.size, w.frames, source.instruction)
+        rows = import_object(_WORLD_ROWS)
+        return rows(w.n, w.split, w.seed, w.kinds, w.jitter, w.size, w.frames, source.instruction)
     from datasets import load_dataset
 
     hub = source.hub

@@ -1,4 +1,4 @@
-"""DAPO dynamic sampling: which prompt groups carry a learning signal (refill seeds: ``refill_generator``).
+"""DAPO dynamic sampling: which prompt groups carry a learning signal.
 
 A group of ``G`` completions of one prompt whose rewards are all equal gets zero advantages under GRPO: it
 costs a forward and backward pass and teaches nothing, and as a policy gets better more of its groups are all
@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import torch
 
-# the seeds of refill draws, (seed, step, call, round): one seeded generator for every trainer
-from mmalign.trainers.run import seeded_generator as refill_generator
-
-__all__ = ["flat_groups", "refill_generator", "signal_groups"]
+__all__ = ["flat_groups", "signal_groups"]
 
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 

@@ -34,8 +34,9 @@ from trl.data_utils import prepare_multimodal_messages
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, get_config_model_id
 
 from mmalign.trainers.distributed import destroy_process_group_at_exit
+from mmalign.trainers.run import seeded_generator
 from mmalign.trainers.vlm_grpo.rewards import RewardFunction
-from mmalign.trainers.vlm_grpo.sampling import refill_generator, signal_groups
+from mmalign.trainers.vlm_grpo.sampling import signal_groups
 
 __all__ = ["VLMGRPOTrainer", "frozen_copy"]
 
@@ -265,7 +266,7 @@ class VLMGRPOTrainer(GRPOTrainer):
         """``n // G`` fresh prompts of the training set for this process, each repeated ``G`` times."""
         g, processes = self.num_generations, self.accelerator.num_processes
         self._refills += 1
-        generator = refill_generator(self.args.seed, self.state.global_step, self._refills, round_)
+        generator = seeded_generator(self.args.seed, self.state.global_step, self._refills, round_)
         picks = torch.randint(len(self.train_dataset), (processes * (n // g),), generator=generator).tolist()
         mine = picks[self.accelerator.process_index * (n // g) : (self.accelerator.process_index + 1) * (n // g)]
         rows = []

@@ -56,12 +56,17 @@ def test_vae_scaling_factor_whitens_latents(pipe):
     images = render_batch(scenes, 32, 1.0, seed=5)
     with torch.no_grad():
         latents = pipe.vae.encode(images * 2 - 1).latent_dist.sample(torch.Generator().manual_seed(0))
-        recon = pipe.vae.decode(latents).sample.add(1).div(2).clamp(0, 1)
     assert float((latents * pipe.vae.config.scaling_factor).std()) == pytest.approx(1.0, abs=0.2)
-    gold = [v.score for v in verify_batch(recon, scenes)]
-    # The tiny VAE keeps most of what the verifier reads (the shipped one: 0.63 of the checks on renders);
-    # its losses are the ceiling the generator starts under, which leaves alignment room to work in.
-    assert sum(gold) / len(gold) > 0.5
+
+
+def test_the_vae_is_not_the_limit(pipe):
+    """Reconstructions of clean renders keep what the verifier reads (the second edition's 16×16×12 latents:
+    ≥ 0.97 of the checks on held-out scenes in the build report; the first edition's 4 channels kept 0.63)."""
+    from mmalign.world.build import reconstruction
+
+    for split in ("train", "heldout"):
+        result = reconstruction(pipe.vae, [p.scene for p in prompt_set(split, 96, 5)])
+        assert result["checks_passed"] >= 0.95, (split, result)
 
 
 def test_samples_score_far_above_noise(pipe):

@@ -1,5 +1,17 @@
-"""The Triton kernel against an fp64 reference, with FlashAttention's rule: its error on the output and on dQ, dK,
-dV may be at most twice PyTorch's own attention error in the same precision, plus a tiny floor.
+"""The Triton kernel against an fp64 reference.
+
+fp16 and bf16 follow FlashAttention's rule: the kernel's error on the output and on dQ, dK, dV may be at most
+twice PyTorch's own attention error in the same precision, plus a tiny floor. There PyTorch's error is dominated
+by rounding to the 16-bit format and is a stable yardstick.
+
+fp32 is held to a bound derived from the algorithm instead (``rounding_error_std`` in attention_reference.py):
+every element's error must stay within ``SIGMAS`` standard deviations of the rounding error that FlashAttention-2's
+sequence of fp32 operations accumulates. PyTorch's fp32 error is no yardstick: which SDPA backend runs depends on
+the layout (the CPU flash kernel needs a unit-stride head dim, otherwise the math path runs), and its backward
+reuses the saved softmax, whereas FlashAttention recomputes P from the log-sum-exp, whose error the backward
+amplifies by |dP - delta|. Measured on 20x45 keys, D=64, scale 0.3: PyTorch's dK error is 8.9e-6 through its CPU
+flash kernel and 2.4e-6 through the math path on the same tensors, while the kernel's runs 2e-6..1.2e-5 from seed to
+seed, 2-5x over the math path's on 4 seeds in 10.
 
 Under the interpreter (the default on CPU) fp32 and fp16 are tested; bf16 runs only with compiled Triton on a
 GPU, because the interpreter's ``tl.dot`` computes bf16 products wrongly. Shapes are small because the
@@ -10,9 +22,14 @@ into several blocks with ragged tails.
 import pytest
 import torch
 import torch.nn.functional as F
-from attention_reference import reference_attention, visible
+from attention_reference import reference_attention, rounding_error_std, visible
 
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-4, torch.bfloat16: 1e-3}
+FLOOR = {torch.float16: 1e-4, torch.bfloat16: 1e-3}
+FP32_UNIT_ROUNDOFF = 2.0**-24
+# Over 30 seeds of each shape here and of larger, sharper ones (causal 257x300 keys at scale 0.5, 64x512 at scale
+# 1), with 1 and 2 threads, the kernel's worst element sat at 2.2 sigma; an error of 1e-4 relative to the largest
+# gradient element is 10-130 sigma.
+SIGMAS = 6.0
 
 # (batch, heads, N_q, N_k, head dim, causal)
 SHAPES = [
@@ -54,18 +71,44 @@ def make_inputs(batch, heads, n_q, n_k, head_dim, device, dtype, layout="bnhd"):
     return tensor(n_q), tensor(n_k), tensor(n_k), tensor(n_q)
 
 
-def assert_within_pytorch_error(flash, inputs, causal, scale, dtype):
-    q, k, v, dout = inputs
+def tolerance_failures(ours, ref, theirs, inputs, causal, scale, dtype) -> list[str]:
+    """What in ``ours`` (out, dq, dk, dv) errs beyond the tolerance of its dtype; empty when all is within."""
+    failures = []
+    std = rounding_error_std(*inputs, causal, scale, FP32_UNIT_ROUNDOFF) if dtype == torch.float32 else None
+    for name in ref:
+        err = (ours[name].double() - ref[name]).abs()
+        if std is not None:
+            # an fp32 rounding floor for elements whose estimated error vanishes (rows that see no key are exact)
+            allowed = SIGMAS * std[name] + FP32_UNIT_ROUNDOFF * ref[name].abs().max()
+            worst = (err / allowed).flatten().argmax()
+            if err.flatten()[worst] > allowed.flatten()[worst]:
+                failures.append(
+                    f"{name}: kernel error {err.flatten()[worst].item():.3g} at element {worst.item()} exceeds "
+                    f"{SIGMAS:g} sigma of fp32 rounding ({allowed.flatten()[worst].item():.3g}); worst error "
+                    f"{err.max().item():.3g}, PyTorch's {(theirs[name].double() - ref[name]).abs().max().item():.3g}"
+                )
+        else:
+            base = (theirs[name].double() - ref[name]).abs().max().item()
+            if err.max().item() > 2 * base + FLOOR[dtype]:
+                failures.append(
+                    f"{name}: kernel error {err.max().item():.3g} exceeds 2 x PyTorch's {base:.3g} + {FLOOR[dtype]:g}"
+                )
+    return failures
+
+
+def kernel_reference_and_pytorch(flash, inputs, causal, scale):
     ref = output_and_grads(reference_attention, *(t.double() for t in inputs), causal, scale)
     ours = output_and_grads(lambda *a: flash.flash_attention(*a[:3], causal=a[3], scale=a[4]), *inputs, causal, scale)
     theirs = output_and_grads(pytorch_attention, *inputs, causal, scale)
+    return ours, ref, theirs
+
+
+def assert_within_tolerance(flash, inputs, causal, scale, dtype):
+    ours, ref, theirs = kernel_reference_and_pytorch(flash, inputs, causal, scale)
     for name in ref:
         assert ours[name].dtype == dtype and ours[name].shape == ref[name].shape
-        err = (ours[name].double() - ref[name]).abs().max().item()
-        base = (theirs[name].double() - ref[name]).abs().max().item()
-        assert err <= 2 * base + FLOOR[dtype], (
-            f"{name}: kernel error {err:.3g} exceeds 2 x PyTorch's {base:.3g} + {FLOOR[dtype]:g} ({dtype})"
-        )
+    failures = tolerance_failures(ours, ref, theirs, inputs, causal, scale, dtype)
+    assert not failures, f"{dtype}: " + "; ".join(failures)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -75,14 +118,40 @@ def test_matches_reference(flash, device, batch, heads, n_q, n_k, head_dim, caus
         pytest.skip("the Triton interpreter computes bf16 tl.dot wrongly; bf16 is tested on a GPU")
     torch.manual_seed(0)
     inputs = make_inputs(batch, heads, n_q, n_k, head_dim, device, dtype)
-    assert_within_pytorch_error(flash, inputs, causal, head_dim**-0.5, dtype)
+    assert_within_tolerance(flash, inputs, causal, head_dim**-0.5, dtype)
 
 
 @pytest.mark.parametrize("layout", ["bhnd", "bhdn"])
 def test_layouts_and_custom_scale(flash, device, layout):
     torch.manual_seed(1)
     inputs = make_inputs(2, 2, 20, 45, 64, device, torch.float32, layout)
-    assert_within_pytorch_error(flash, inputs, False, 0.3, torch.float32)
+    assert_within_tolerance(flash, inputs, False, 0.3, torch.float32)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_fp32_tolerance_holds_across_seeds(flash, device, seed):
+    """The fp32 bound does not hinge on a lucky draw: the shape and scale that failed the old rule on 4 seeds in 10."""
+    torch.manual_seed(100 + seed)
+    inputs = make_inputs(2, 2, 20, 45, 64, device, torch.float32, "bhdn")
+    assert_within_tolerance(flash, inputs, False, 0.3, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["out", "dq", "dk", "dv"])
+@pytest.mark.parametrize("shape", [(2, 2, 20, 45, 64, False, 0.3), (1, 2, 33, 77, 40, True, 40**-0.5)],
+                         ids=["layouts-20x45-d64", "causal-33x77-d40"])
+def test_fp32_tolerance_catches_small_errors(flash, device, shape, name):
+    """A kernel off by 1e-4 relative (a TF32 product or a bf16 rounding errs ~10x more) fails the fp32 check."""
+    *dims, causal, scale = shape
+    torch.manual_seed(1)
+    inputs = make_inputs(*dims, device, torch.float32, "bhdn")
+    ours, ref, theirs = kernel_reference_and_pytorch(flash, inputs, causal, scale)
+    assert not tolerance_failures(ours, ref, theirs, inputs, causal, scale, torch.float32)
+    bumped = dict(ours, **{name: ours[name].clone(memory_format=torch.contiguous_format)})
+    bumped[name].view(-1)[ref[name].abs().argmax()] *= 1 + 1e-4  # the largest element, relative 1e-4
+    scaled = dict(ours, **{name: ours[name] * (1 + 1e-4)})  # every element, relative 1e-4
+    for wrong in (bumped, scaled):
+        failures = tolerance_failures(wrong, ref, theirs, inputs, causal, scale, torch.float32)
+        assert [f.split(":")[0] for f in failures] == [name], failures
 
 
 def test_rows_without_keys_are_zero(flash, device):

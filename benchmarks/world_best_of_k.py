@@ -36,12 +36,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmalign.config import load_recipe
     from mmalign.eval.best_of_k import best_of_k_table
+    from mmalign.models.ddim import DDIMPolicy
+    from mmalign.models.pipelines import load_sd_pipeline
+    from mmalign.models.rollout import sample_trajectories
     from mmalign.models.stable_diffusion import StableDiffusionAdapter
+    from mmalign.prompts import PromptSource, load_prompts
     from mmalign.rewards import build
-    from mmalign.trainers.prdp import load_sd_pipeline
-    from mmalign.trainers.prompts import PromptSource, load_prompts
-    from mmalign.trainers.rollout import sample_trajectories
-    from mmalign.trainers.sampler import DDIMPolicy
 
     recipe = load_recipe(args.recipe)
     given = args.reward or ['{"name": "proxy", "scale": 1.0}', '{"name": "preference_proxy", "scale": 1.0}']

@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> dict:
     })
     rewards = {name: build(spec) for name, spec in specs.items()}
     records = read_pairs(pairs)
+    if not records:
+        raise SystemExit(f"{pairs}: no pair of samples differs in gold; sample more --prompts or --samples")
     # Ensembles standardise members with running statistics: fit them on every image first, so that the
     # first scored batch is not standardised by its own statistics alone.
     warm = {name: reward for name, reward in rewards.items() if "ensemble" in name or "ctrl_u" in name}

@@ -9,14 +9,13 @@ Advantages are clipped to ``±adv_clip_max``; the update is the clipped surrogat
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from mmalign.models.trajectory import Trajectory
-from mmalign.trainers.diffusion import DiffusionConfig, DiffusionLoop
+from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
 from mmalign.trainers.ppo import ppo_update
 
 __all__ = ["DDPOConfig", "DDPOTrainer", "PromptStats"]
@@ -66,26 +65,17 @@ class PromptStats:
         self.buffers = {int(k): v.double() for k, v in state.items()}
 
 
-class DDPOTrainer:
-    """Runs a ``DDPOConfig``: ``setup`` → ``train`` (resumes) → ``report`` → ``export`` → ``cleanup``."""
+class DDPOTrainer(DiffusionTrainer):
+    """Runs a ``DDPOConfig`` on the shared loop; the algorithm is ``update``."""
+
+    name = "DDPO"
+    curve_keys = ("approx_kl", "clip_fraction")
+    needs_reference = False
 
     def __init__(self, config: DDPOConfig, pipeline=None, progress: bool = True) -> None:
-        self.config = config
-        self.loop = DiffusionLoop(config, pipeline, progress, needs_reference=False)
+        super().__init__(config, pipeline, progress)
         self.stats = PromptStats(config.buffer_size, config.min_count)
         self.loop.state["prompt_stats"] = self.stats
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.output_dir)
-
-    def setup(self) -> None:
-        self.loop.setup()
-
-    def train(self) -> dict[str, Any]:
-        if not hasattr(self.loop, "run"):
-            self.setup()
-        return self.loop.train(self.update, "DDPO")
 
     def advantages(self, trajectory: Trajectory) -> torch.Tensor:
         """This process's ``(B,)`` clipped advantages, from statistics over every process's samples (all
@@ -103,12 +93,3 @@ class DDPOTrainer:
         metrics.pop("penalty")
         metrics["advantage/abs_mean"] = float(advantages[torch.isfinite(advantages)].abs().mean())
         return metrics
-
-    def report(self) -> dict[str, Any] | None:
-        return self.loop.report(["approx_kl", "clip_fraction"])
-
-    def export(self) -> Path:
-        return self.loop.export()
-
-    def cleanup(self) -> None:
-        self.loop.cleanup()

@@ -39,7 +39,7 @@ from mmalign.trainers.lora import (
 )
 from mmalign.trainers.run import Run
 
-__all__ = ["DiffusionConfig", "DiffusionLoop", "ReportConfig", "assert_ratio_is_one", "group_stats"]
+__all__ = ["DiffusionConfig", "DiffusionLoop", "DiffusionTrainer", "ReportConfig", "assert_ratio_is_one", "group_stats"]
 
 
 class ReportConfig(StrictModel):
@@ -359,6 +359,45 @@ class DiffusionLoop:
 
     def cleanup(self) -> None:
         self.run.cleanup()
+
+
+class DiffusionTrainer:
+    """The trainer protocol (``setup`` → ``train``, which resumes → ``report`` → ``export`` → ``cleanup``) over a
+    ``DiffusionLoop``. An algorithm subclasses it with its ``update(trajectory, epoch)`` and sets ``name`` (the
+    progress bar's), ``curve_keys`` (metrics drawn in the report's curves) and ``needs_reference`` (whether the
+    rollout stores π_ref's log-probs); everything else is the loop's."""
+
+    name = "train"
+    curve_keys: tuple[str, ...] = ("approx_kl", "loss")
+    needs_reference = True
+
+    def __init__(self, config: DiffusionConfig, pipeline=None, progress: bool = True) -> None:
+        self.config = config
+        self.loop = DiffusionLoop(config, pipeline, progress, needs_reference=self.needs_reference)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.output_dir)
+
+    def setup(self) -> None:
+        self.loop.setup()
+
+    def train(self) -> dict[str, Any]:
+        if not hasattr(self.loop, "run"):
+            self.setup()
+        return self.loop.train(self.update, self.name)
+
+    def update(self, trajectory: Trajectory, epoch: int) -> dict[str, float]:
+        raise NotImplementedError(f"{type(self).__name__}: an algorithm defines update(trajectory, epoch)")
+
+    def report(self) -> dict[str, Any] | None:
+        return self.loop.report(list(self.curve_keys))
+
+    def export(self) -> Path:
+        return self.loop.export()
+
+    def cleanup(self) -> None:
+        self.loop.cleanup()
 
 
 def _single_reward(specs: RewardSpecs, device) -> torch.nn.Module:

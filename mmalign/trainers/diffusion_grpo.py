@@ -12,15 +12,14 @@ advantages and teaches nothing: ``zero_spread_groups`` counts them.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from mmalign.models.ddim import StepOutput
 from mmalign.models.trajectory import Trajectory
-from mmalign.trainers.diffusion import DiffusionConfig, DiffusionLoop
+from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
 from mmalign.trainers.lora import reference_policy
 from mmalign.trainers.ppo import ppo_update
 
@@ -55,24 +54,12 @@ def group_advantages(rewards: torch.Tensor, group_size: int, batch_std: torch.Te
     return ((r - mean) / (std + 1e-4)).view(-1)
 
 
-class GRPOTrainer:
-    """Runs a ``GRPOConfig``: ``setup`` → ``train`` (resumes) → ``report`` → ``export`` → ``cleanup``."""
+class GRPOTrainer(DiffusionTrainer):
+    """Runs a ``GRPOConfig`` on the shared loop; the algorithm is ``update``."""
 
-    def __init__(self, config: GRPOConfig, pipeline=None, progress: bool = True) -> None:
-        self.config = config
-        self.loop = DiffusionLoop(config, pipeline, progress, needs_reference=False)
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.output_dir)
-
-    def setup(self) -> None:
-        self.loop.setup()
-
-    def train(self) -> dict[str, Any]:
-        if not hasattr(self.loop, "run"):
-            self.setup()
-        return self.loop.train(self.update, "GRPO")
+    name = "GRPO"
+    curve_keys = ("approx_kl", "clip_fraction")
+    needs_reference = False
 
     def advantages(self, trajectory: Trajectory) -> torch.Tensor:
         """This process's clipped group advantages (groups never straddle processes)."""
@@ -102,12 +89,3 @@ class GRPOTrainer:
         metrics["kl"] = metrics.pop("penalty") / cfg.beta if cfg.beta > 0 else float("nan")
         metrics["advantage/abs_mean"] = float(advantages[torch.isfinite(advantages)].abs().mean())
         return metrics
-
-    def report(self) -> dict[str, Any] | None:
-        return self.loop.report(["approx_kl", "clip_fraction"])
-
-    def export(self) -> Path:
-        return self.loop.export()
-
-    def cleanup(self) -> None:
-        self.loop.cleanup()

@@ -9,7 +9,7 @@ Units. Log-probs are sums over latent dimensions (``mmalign.models.ddim``), so �
 of a step and ε means what it means in PPO. A change δ of a step's mean gives
 ``log ρ ≈ N(−u²/2, u²)`` with ``u = ‖δ‖/σ_t`` over all D dimensions: ε bounds the mean's move at ``u ≈ ε``
 standard deviations, a per-step KL of ``ε²/2`` nats. DDPO's code averages over dimensions, so its ε = 1e-4
-clips ``Σ log ρ`` at ``±D·1e-4`` nats: 0.026 for the world's 4×8×8 latents, 1.6 for SD's 4×64×64. That
+clips ``Σ log ρ`` at ``±D·1e-4`` nats: 0.31 for the world's 12×16×16 latents, 1.6 for SD's 4×64×64. That
 threshold moves with the resolution; the default here (ε = 0.2, u ≈ 0.2, 0.02 nats per step) does not.
 """
 

@@ -9,15 +9,14 @@ This module is the algorithm (config, update); the loop, run folder, checkpoints
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from pydantic import Field
 
 from mmalign.models.rollout import backward_weighted_log_probs, trajectory_log_probs
 from mmalign.models.trajectory import Trajectory
-from mmalign.trainers.diffusion import DiffusionConfig, DiffusionLoop
+from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
 from mmalign.trainers.prdp_loss import pair_indices, rdp_coefficients
 
 __all__ = ["PRDPConfig", "PRDPTrainer"]
@@ -35,24 +34,12 @@ class PRDPConfig(DiffusionConfig):
     output_dir: str = "runs/prdp"
 
 
-class PRDPTrainer:
-    """Runs a ``PRDPConfig``: ``setup`` → ``train`` (resumes) → ``report`` → ``export`` → ``cleanup``."""
+class PRDPTrainer(DiffusionTrainer):
+    """Runs a ``PRDPConfig`` on the shared loop; the algorithm is ``update``."""
 
-    def __init__(self, config: PRDPConfig, pipeline=None, progress: bool = True) -> None:
-        self.config = config
-        self.loop = DiffusionLoop(config, pipeline, progress, needs_reference=True)
-
-    def setup(self) -> None:
-        self.loop.setup()
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.config.output_dir)
-
-    def train(self) -> dict[str, Any]:
-        if not hasattr(self.loop, "run"):
-            self.setup()
-        return self.loop.train(self.update, "PRDP")
+    name = "PRDP"
+    curve_keys = ("approx_kl", "loss")
+    needs_reference = True
 
     def update(self, trajectory: Trajectory, epoch: int) -> dict[str, float]:
         """``inner_steps`` passes of proximal RDP gradient steps over the epoch's prompt groups."""
@@ -91,12 +78,3 @@ class PRDPTrainer:
         metrics["approx_kl"] = float(acc.gather(0.5 * delta[:, trained].pow(2).mean(1)).mean())
         metrics["implicit_reward"] = float(acc.gather(((new - trajectory.ref_log_probs) * trained).sum(1)).mean())
         return metrics
-
-    def report(self) -> dict[str, Any] | None:
-        return self.loop.report(["approx_kl", "loss"])
-
-    def export(self) -> Path:
-        return self.loop.export()
-
-    def cleanup(self) -> None:
-        self.loop.cleanup()

@@ -15,22 +15,18 @@ import torch
 from pydantic import Field
 
 from mmalign.models.trajectory import Trajectory
-from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
-from mmalign.trainers.ppo import ppo_update
+from mmalign.trainers.diffusion import DiffusionTrainer
+from mmalign.trainers.ppo import PPOConfig, ppo_update
 
 __all__ = ["DDPOConfig", "DDPOTrainer", "PromptStats"]
 
 
-class DDPOConfig(DiffusionConfig):
+class DDPOConfig(PPOConfig):
     """DDPO on a Stable Diffusion pipeline."""
 
     task: Literal["ddpo"] = "ddpo"
-    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip ε on the per-step likelihood ratio "
-                              "(log-probs summed over latent dims: see mmalign.trainers.ppo)")
-    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to ±this")
     buffer_size: int = Field(32, ge=1, description="rewards kept per prompt for its statistics")
     min_count: int = Field(8, ge=2, description="rewards a prompt needs before its own statistics are used")
-    timestep_fraction: float = Field(1.0, gt=0, le=1, description="fraction of the trained steps each sample trains")
     output_dir: str = "runs/ddpo"
 
 

@@ -19,20 +19,17 @@ from pydantic import Field
 
 from mmalign.models.ddim import StepOutput
 from mmalign.models.trajectory import Trajectory
-from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
+from mmalign.trainers.diffusion import DiffusionTrainer
 from mmalign.trainers.lora import reference_policy
-from mmalign.trainers.ppo import ppo_update
+from mmalign.trainers.ppo import PPOConfig, ppo_update
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "group_advantages"]
 
 
-class GRPOConfig(DiffusionConfig):
+class GRPOConfig(PPOConfig):
     """GRPO on a Stable Diffusion pipeline's DDIM-η policy."""
 
     task: Literal["diffusion_grpo"] = "diffusion_grpo"
-    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip ε on the per-step likelihood ratio "
-                              "(log-probs summed over latent dims: see mmalign.trainers.ppo)")
-    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to ±this")
     std_scope: Literal["group", "batch"] = Field("group", description="std of the group's rewards or the batch's")
     beta: float = Field(0.0, ge=0, description="KL to the reference per step, β·‖μ_θ − μ_ref‖²/(2σ²) (0: off)")
     timestep_fraction: float = Field(0.6, gt=0, le=1, description="random fraction of the trained steps each "

@@ -19,13 +19,24 @@ import math
 from collections.abc import Callable
 
 import torch
+from pydantic import Field
 
 from mmalign.models.ddim import StepOutput
 from mmalign.models.rollout import backward_per_step
 from mmalign.models.trajectory import Trajectory
-from mmalign.trainers.diffusion import DiffusionLoop, assert_ratio_is_one
+from mmalign.trainers.diffusion import DiffusionConfig, DiffusionLoop, assert_ratio_is_one
 
-__all__ = ["clipped_surrogate", "ppo_update", "timestep_mask"]
+__all__ = ["PPOConfig", "clipped_surrogate", "ppo_update", "timestep_mask"]
+
+class PPOConfig(DiffusionConfig):
+    """The fields of every algorithm on ``ppo_update`` (DDPO, diffusion GRPO)."""
+
+    clip_range: float = Field(0.2, gt=0, lt=1, description="PPO clip ε on the per-step likelihood ratio "
+                              "(log-probs summed over latent dims: see mmalign.trainers.ppo)")
+    adv_clip_max: float = Field(5.0, gt=0, description="advantages are clipped to ±this")
+    timestep_fraction: float = Field(1.0, gt=0, le=1, description="random fraction of the trained steps each "
+                                     "sample trains, drawn per sample and pass")
+
 
 #: the seeded-generator purpose of the timestep subsets (the loop's own purposes are 0 and 1 + pass)
 _TIMESTEP_PURPOSE = 1000

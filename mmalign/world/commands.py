@@ -94,7 +94,8 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     sub = world.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
 
     build = sub.add_parser("build", help="rebuild the shipped generator, proxy, preference proxy and VLM from fixed seeds",
-                           description="Train the tiny models and report gold scores (docs/world.md).")
+                           description="Train the tiny models and report gold scores (docs/world.md). An interrupted "
+                                       "generator build resumes from its checkpoints when run again.")
     build.add_argument("--only", choices=("generator", "proxy", "preference", "vlm"))
     build.add_argument("--out", help="folder for pipeline/, proxy/, preference/ and vlm/ (default: the package's assets)")
     build.add_argument("--steps", type=int, help="override every stage's steps (smoke tests)")

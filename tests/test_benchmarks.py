@@ -27,3 +27,10 @@ def test_world_reward_agreement_scores_every_member(tmp_path):
     result = _script("world_reward_agreement").main(["--out", str(tmp_path), "--prompts", "8", "--samples", "3",
                                                     "--members", "2", "--proxy-steps", "1"])
     assert {"gold", "proxy_seed1", "proxy_seed2", "ensemble_mean"} <= set(result["accuracy"])
+
+
+def test_world_seed_dependence_counts_every_check(capsys):
+    result = _script("world_seed_dependence").main(["--prompts", "3", "--samples", "2", "--batch", "6"])
+    checks = sum(sum(row.values()) for row in result["checks"].values())
+    assert checks > 0 and set(next(iter(result["checks"].values()))) == {"always", "never", "seed"}
+    assert "by seed" in capsys.readouterr().out

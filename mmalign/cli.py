@@ -102,6 +102,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
             change = f"  change {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else ""
             print(f"{name:>24}: {b['mean']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] -> "
                   f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]{change}  (n={a['n']})")
+        if summary.get("diversity_ratio") is not None:
+            print(f"{'diversity_ratio':>24}: {summary['diversity_ratio']:.4f}  (after/before of the mean Vendi score)")
     print(f"run folder: {trainer.run_dir}  (weights: {exported})")
     return 0
 
@@ -133,8 +135,9 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
         raise ValueError("eval generator: give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH")
     if args.run:
         pipe, sampler = load_run_pipeline(args.run)
+        pipeline_name = json.loads((Path(args.run) / "config.json").read_text()).get("pipeline")
     else:
-        pipe, sampler = load_sd_pipeline(args.pipeline), {}
+        pipe, sampler, pipeline_name = load_sd_pipeline(args.pipeline), {}, args.pipeline
     steps = args.steps or sampler.get("num_steps", 20)
     eta = args.eta if args.eta is not None else sampler.get("eta", 1.0)
     guidance = args.guidance_scale or sampler.get("guidance_scale", 5.0)
@@ -144,13 +147,41 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
         StableDiffusionAdapter(pipe.to(args.device), guidance), DDIMPolicy(pipe.scheduler.config, steps, eta),
         load_prompts(source), rewards, args.samples_per_prompt, args.seed, progress=not args.quiet,
     )
+    encoder, encoder_spec = _diversity_encoder(args.diversity_encoder, pipeline_name, rewards, args.device)
+    result.add_diversity(encoder)
     summary = result.summary()
     for name, s in summary.items():
         print(f"{name:>24}: {s['mean']:.4f}  95% CI [{s['ci_low']:.4f}, {s['ci_high']:.4f}]  n={s['n']}")
     if args.out:
+        per_prompt = {"prompts": result.group_prompts(),
+                      **{k: [float(v) for v in values] for k, values in result.diversity.items()}}
+        out = {"summary": summary, "steps": steps, "eta": eta, "guidance": guidance,
+               "diversity_encoder": encoder_spec, "diversity_per_prompt": per_prompt}
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"summary": summary, "steps": steps, "eta": eta, "guidance": guidance}, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _diversity_encoder(text: str | None, pipeline: str | None, rewards: dict, device: str):
+    """The image encoder of ``--diversity-encoder`` (``none``: pixel metrics only); by default the world's
+    ``proxy`` for the world pipeline, else the first scoring reward that has one, else none (with a note)."""
+    from mmalign.eval.diversity import image_encoder
+    from mmalign.rewards import build
+
+    if text is not None:
+        if text.strip().lower() == "none":
+            return None, None
+        spec = _parse_reward(text)
+        return image_encoder(build(spec).to(device)), spec
+    if pipeline == "world":
+        return image_encoder(build("proxy").to(device)), "proxy"
+    for name, reward in rewards.items():
+        try:
+            return image_encoder(reward), name
+        except ValueError:
+            continue
+    print("diversity: no reward with an image encoder; pixel metrics only (give --diversity-encoder for Vendi)")
+    return None, None
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
@@ -292,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     generator = evaluate.add_parser(
         "generator", help="gold/proxy evaluation of a run or pipeline on a prompt split",
         description="Sample a pipeline (or a training run's result) on world prompts or a prompt file with fixed "
-        "seeds, score the images, print mean and 95%% CI per reward.",
+        "seeds, score the images, print mean and 95%% CI per reward and of the per-prompt diversity metrics "
+        "(docs/world.md).",
     )
     generator.add_argument("--run", help="training run folder (its config, base pipeline and exported weights)")
     generator.add_argument("--pipeline", help="'world', a hub id or a pipeline folder")
@@ -306,6 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--eta", type=float, help="DDIM η (default: the run's, else 1)")
     generator.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's, else 5)")
     generator.add_argument("--seed", type=int, default=1234, help="noise seed")
+    generator.add_argument(
+        "--diversity-encoder", metavar="REWARD",
+        help="CLIP-type reward (name or JSON spec) whose image encoder embeds the samples for the per-prompt "
+        "diversity metrics (Vendi, pairwise distance); 'none' = pixel metrics only; default: 'proxy' for the "
+        "world pipeline, else the first --reward with an image encoder",
+    )
     generator.add_argument("--device", default="cpu")
     generator.add_argument("--out", help="write the summary as JSON")
     generator.add_argument("--quiet", action="store_true")

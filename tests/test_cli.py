@@ -119,8 +119,13 @@ def test_train_then_eval_generator(tmp_path, tiny_sd_factory, capsys):
         assert (tmp_path / "run" / name).is_file(), name
     assert "run folder" in capsys.readouterr().out
     out = tmp_path / "eval.json"
-    assert main(["eval", "generator", "--run", str(tmp_path / "run"), "--n", "2", "--samples-per-prompt", "1",
-                 "--out", str(out), "--quiet"]) == 0
+    assert "diversity/vendi" not in summary["before"]  # jpeg has no image encoder: pixel metrics only
+    assert summary["before"]["diversity/color_entropy"]["n"] == 2 and "diversity/brightness" in summary["paired_change"]
+    assert main(["eval", "generator", "--run", str(tmp_path / "run"), "--n", "2", "--samples-per-prompt", "2",
+                 "--diversity-encoder", "proxy", "--out", str(out), "--quiet"]) == 0
     evaluated = json.loads(out.read_text())
-    assert evaluated["steps"] == 2 and evaluated["summary"]["gold"]["n"] == 2
+    assert evaluated["steps"] == 2 and evaluated["summary"]["gold"]["n"] == 4
+    assert evaluated["summary"]["diversity/vendi"]["n"] == 2 and evaluated["diversity_encoder"] == "proxy"
+    assert all(1 - 1e-6 <= v <= 2 + 1e-6 for v in evaluated["diversity_per_prompt"]["diversity/vendi"])
+    assert "diversity/vendi" in capsys.readouterr().out
     assert main(["eval", "generator", "--n", "2"]) == 2  # neither --run nor --pipeline

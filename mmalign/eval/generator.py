@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,34 @@ def mean_ci(values: torch.Tensor, z: float = 1.96) -> dict[str, float]:
 
 @dataclass
 class GeneratorEval:
-    """Per-sample scores (``reward`` and ``reward/component``), the images, and a summary per column."""
+    """Per-sample scores (``reward`` and ``reward/component``), the images, and a summary per column.
+
+    ``diversity`` holds per-prompt columns (``diversity/vendi`` …, one value per prompt group in the order of
+    the sorted ``metadata["group"]`` ids) once ``add_diversity`` has run; ``summary`` covers them too (their
+    ``n`` counts prompts, not samples).
+    """
 
     batch: MediaBatch
     scores: dict[str, torch.Tensor]
+    diversity: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def summary(self) -> dict[str, dict[str, float]]:
-        return {name: mean_ci(values) for name, values in self.scores.items()}
+        return {name: mean_ci(values) for name, values in {**self.scores, **self.diversity}.items()}
+
+    def add_diversity(self, encoder=None, batch_size: int = 32) -> GeneratorEval:
+        """Compute the per-prompt diversity metrics of ``mmalign.eval.diversity`` (the embedding ones with
+        ``encoder``, e.g. ``image_encoder(reward)``); returns self."""
+        from mmalign.eval.diversity import diversity_scores
+
+        self.diversity = diversity_scores(self.batch, encoder=encoder, batch_size=batch_size)
+        return self
+
+    def group_prompts(self) -> list[str]:
+        """The prompt of each group, in the order of the ``diversity`` columns."""
+        from mmalign.eval.diversity import group_ids
+
+        groups = group_ids(self.batch)
+        return [self.batch.prompts[int((groups == g).nonzero()[0])] for g in groups.unique()]
 
 
 @torch.no_grad()

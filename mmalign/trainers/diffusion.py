@@ -48,6 +48,10 @@ class ReportConfig(StrictModel):
     rewards: RewardSpecs = Field(default_factory=list, description="rewards reported, beside the trained one")
     seed: int = Field(1234, description="noise seed of the evaluation samples (same before and after)")
     grid_prompts: int = Field(8, ge=0, description="prompts in the before/after image grids")
+    diversity_encoder: str | dict[str, Any] | None = Field(
+        None, description="reward spec of a CLIP-type reward whose image encoder embeds the samples for the "
+        "diversity metrics; null = the trained reward's (none there: pixel metrics only, with a note)",
+    )
 
 
 class DiffusionConfig(Recipe):
@@ -336,7 +340,11 @@ class DiffusionLoop:
                         self.adapter, self.policy, prompts, rewards, cfg.report.samples_per_prompt, cfg.report.seed,
                         progress=self.progress, unet=unet,
                     )
-        extra = {"epochs": cfg.epochs, "steps": self.step, "report_prompts": cfg.report.prompts.model_dump()}
+        encoder, encoder_name = self._diversity_encoder()
+        for run in runs.values():
+            run.add_diversity(encoder)
+        extra = {"epochs": cfg.epochs, "steps": self.step, "report_prompts": cfg.report.prompts.model_dump(),
+                 "diversity_encoder": encoder_name}
         keys = ["reward", *self.log_rewards, *curve_keys]
         summary = write_report(self.run_dir, runs["before"], runs["after"], keys, extra, limit=cfg.report.grid_prompts)
         if summary.get("grid"):
@@ -344,6 +352,23 @@ class DiffusionLoop:
 
             self.run.log_images({"report/grid": Image.open(self.run_dir / summary["grid"]).convert("RGB")}, self.step)
         return summary
+
+    def _diversity_encoder(self):
+        """The report's diversity encoder and what it is: ``report.diversity_encoder``'s image encoder (an error
+        if it has none), else the trained reward's, else None (pixel metrics only) with a printed note."""
+        from mmalign.eval.diversity import image_encoder
+
+        spec = self.config.report.diversity_encoder
+        if spec is not None:
+            from mmalign.rewards import build
+
+            return image_encoder(build(spec).to(self.run.device)), spec
+        try:
+            return image_encoder(self.reward), "reward"
+        except ValueError as err:
+            print(f"report: no embedding diversity (Vendi, pairwise distance): {err}; set "
+                  "report.diversity_encoder to a CLIP-type reward for them")
+            return None, None
 
     def export(self) -> Path:
         """The trained weights for plain diffusers: LoRA (``pipe.load_lora_weights``) or the whole pipeline."""

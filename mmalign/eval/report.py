@@ -5,23 +5,28 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from mmalign.eval.generator import GeneratorEval, mean_ci
 
-__all__ = ["plot_curves", "read_metrics", "save_grids", "smooth", "write_report"]
+__all__ = [
+    "curves_figure", "eval_panels", "eval_rewards", "plot_curves", "read_metrics", "save_grids", "smooth",
+    "write_report",
+]
 
 
-def read_metrics(path: str | Path, x: str = "epoch") -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` keyed by ``x`` (the last row of an epoch or step wins when a resumed run
-    repeated it), in order of ``x``."""
+def read_metrics(path: str | Path, x: str = "epoch", kind: Literal["train", "eval"] = "train") -> list[dict[str, Any]]:
+    """Rows of one kind of a ``metrics.jsonl`` keyed by ``x`` (the last row of an epoch or step wins when a
+    resumed run repeated it), in order of ``x``: the training rows, or (``kind="eval"``) the held-out
+    evaluations of ``eval_every``, the rows marked ``"eval": true``."""
     rows: dict[int, dict[str, Any]] = {}
     for line in Path(path).read_text().splitlines():
         if line.strip():
             row = json.loads(line)
-            rows[row.get(x, len(rows))] = row
+            if bool(row.get("eval", False)) == (kind == "eval"):
+                rows[row.get(x, len(rows))] = row
     return [rows[k] for k in sorted(rows)]
 
 
@@ -40,35 +45,148 @@ X_LABELS = {"epoch": "epoch (one rollout + update)", "step": "optimiser step"}
 
 
 def plot_curves(
-    rows: Sequence[Mapping[str, Any]], keys: Sequence[str], path: str | Path, x: str = "epoch"
+    rows: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    path: str | Path,
+    x: str = "epoch",
+    eval_rows: Sequence[Mapping[str, Any]] = (),
 ) -> Path | None:
-    """One panel per metric against ``x`` (``epoch`` or ``step``): the raw points (± std where logged) and a
-    smoothed line through them, as a PNG; None if nothing to plot."""
+    """``curves_figure`` as a PNG at ``path``; None if nothing to plot."""
+    fig = curves_figure(rows, keys, x, eval_rows)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def curves_figure(
+    rows: Sequence[Mapping[str, Any]],
+    keys: Sequence[str],
+    x: str = "epoch",
+    eval_rows: Sequence[Mapping[str, Any]] = (),
+):
+    """The curves as a matplotlib figure (None if nothing to plot).
+
+    Top row: one panel per training metric against ``x`` (``epoch`` or ``step``), the raw points (± std where
+    logged) and a smoothed line through them. Bottom row, when there are ``eval_rows`` (``read_metrics(...,
+    kind="eval")``): the held-out evaluations against optimiser steps (``eval_panels``).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = [k for k in keys if any(f"{k}/mean" in r or k in r for r in rows)]
-    if not keys:
+    panels = eval_panels(eval_rows)
+    if not keys and not panels:
         return None
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    xs = [r.get(x, i) for i, r in enumerate(rows)]
-    for ax, key in zip(axes[0], keys):
-        mean = [float(r.get(f"{key}/mean", r.get(key, float("nan")))) for r in rows]
-        ax.plot(xs, mean, "o", ms=3, alpha=0.4, label="raw")
-        ax.plot(xs, smooth(mean), "-", lw=1.5, label="smoothed")
-        if any(f"{key}/std" in r for r in rows):
-            std = [r.get(f"{key}/std", 0.0) for r in rows]
-            ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
-        ax.set_title(key)
-        ax.set_xlabel(X_LABELS.get(x, x))
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    widths = [2 if i == 0 else 1 for i in range(len(panels))]  # the rewards panel carries a legend
+    columns = max(len(keys), sum(widths))
+    fig = plt.figure(figsize=(4 * columns, 3.2 * (bool(keys) + bool(panels))), layout="constrained")
+    grid = fig.add_gridspec(bool(keys) + bool(panels), 1)
+    if keys:
+        top = grid[0].subgridspec(1, len(keys))
+        xs = [r.get(x, i) for i, r in enumerate(rows)]
+        for i, key in enumerate(keys):
+            ax = fig.add_subplot(top[0, i])
+            mean = [float(r.get(f"{key}/mean", r.get(key, float("nan")))) for r in rows]
+            ax.plot(xs, mean, "o", ms=3, alpha=0.4, label="raw")
+            ax.plot(xs, smooth(mean), "-", lw=1.5, label="smoothed")
+            if any(f"{key}/std" in r for r in rows):
+                std = [r.get(f"{key}/std", 0.0) for r in rows]
+                ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
+            ax.set_title(key)
+            ax.set_xlabel(X_LABELS.get(x, x))
+            ax.grid(alpha=0.3)
+            if i == 0:
+                ax.legend(fontsize="small")
+    if panels:
+        bottom = grid[-1].subgridspec(1, len(panels), width_ratios=widths)
+        for i, draw in enumerate(panels):
+            ax = fig.add_subplot(bottom[0, i])
+            draw(ax)
+            ax.set_xlabel(X_LABELS["step"])
+            ax.grid(alpha=0.3)
+    return fig
+
+
+#: the eval reward whose peak the eval panel marks, when present (the shapes world's verifier)
+GOLD = "gold"
+
+
+def eval_rewards(rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The rewards of evaluation rows (``eval/<name>`` with an ``eval/<name>/std``): the trained one first."""
+    names = []
+    for row in rows:
+        for key in row:
+            if key.startswith("eval/") and key.endswith("/std") and key[5:-4] not in names:
+                names.append(key[5:-4])
+    return sorted(names, key=lambda n: (n != "reward", n != GOLD))
+
+
+def eval_panels(rows: Sequence[Mapping[str, Any]]) -> list:
+    """Panel drawers (``draw(ax)``) for the evaluation rows of ``eval_every``, each against optimiser steps:
+
+    - the rewards: each one's change from the first evaluation (the base policy) in units of its per-sample
+      standard deviation there, so the trained reward and gold share an axis and "gold turns while the trained
+      reward climbs" shows as lines parting; the legend gives each reward's raw first → last mean, and a dotted
+      line marks the step where gold peaked (or the first eval reward beside the trained one, without gold);
+    - ``eval/distance_to_reference`` (pixel RMS from π_ref's samples of the same seeds);
+    - ``eval/diversity/vendi``, when logged.
+    """
+    rows = [r for r in rows if "step" in r]
+    names = eval_rewards(rows)
+    if not rows or not names:
+        return []
+    steps = [r["step"] for r in rows]
+
+    def values(key: str) -> list[float]:
+        return [float(r.get(key, float("nan"))) for r in rows]
+
+    def rewards(ax) -> None:
+        marked = next((n for n in names if n == GOLD), next((n for n in names if n != "reward"), None))
+        others = iter(f"C{i}" for i in (1, 2, 4, 5, 6, 7, 8, 9) * len(names))
+        for name in names:
+            raw = values(f"eval/{name}")
+            base, spread = raw[0], float(rows[0].get(f"eval/{name}/std", float("nan")))
+            scale = spread if spread == spread and spread > 0 else 1.0
+            label = f"{name} (trained)" if name == "reward" else name
+            label += f": {raw[0]:.3g} → {raw[-1]:.3g}"
+            if name == "reward":
+                style = {"lw": 2.4, "color": "C0"}
+            elif name == marked:
+                style = {"lw": 2.0, "color": "C3"}
+            else:
+                style = {"lw": 1.2, "alpha": 0.8, "color": next(others)}
+            ax.plot(steps, [(v - base) / scale for v in raw], "o-", ms=3.5, label=label, **style)
+        if marked is not None:
+            raw = values(f"eval/{marked}")
+            finite = [(v, s) for v, s in zip(raw, steps) if v == v]
+            if finite:
+                best, peak = max(finite, key=lambda pair: pair[0])
+                ax.axvline(peak, color="C3", ls=":", lw=1.2, label=f"{marked} peak: step {peak} ({best:.3g})")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_title("held-out eval: trained reward vs gold" if marked == GOLD else "held-out eval: rewards")
+        ax.set_ylabel("change from base (base per-sample SDs)")
+        ax.legend(fontsize="small", loc="best")
+
+    def single(key: str, title: str, ylabel: str):
+        def draw(ax) -> None:
+            ax.plot(steps, values(key), "o-", ms=3.5, color="C2")
+            ax.set_title(title)
+            ax.set_ylabel(ylabel)
+
+        return draw
+
+    panels = [rewards]
+    if any("eval/distance_to_reference" in r for r in rows):
+        panels.append(single("eval/distance_to_reference", "held-out: distance to reference", "pixel RMS vs π_ref"))
+    if any("eval/diversity/vendi" in r for r in rows):
+        panels.append(single("eval/diversity/vendi", "held-out: diversity (Vendi)", "mean over prompts"))
+    return panels
 
 
 def save_grids(
@@ -122,12 +240,14 @@ def write_report(
         summary.update(_diversity_summary(before, after, summary))
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file():
-        curves = plot_curves(read_metrics(metrics, x), curve_keys, run_dir / "curves.png", x)
+        curves = plot_curves(read_metrics(metrics, x), curve_keys, run_dir / "curves.png", x,
+                             eval_rows=read_metrics(metrics, "step", "eval"))
         summary["curves"] = curves.name if curves else None
     label = next((k for k in ("gold", *before.scores) if k in before.scores), None)
     summary["grid"] = save_grids(before, after, run_dir / "grid.png", label, limit).name if limit else None
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
 
 def _diversity_summary(before: GeneratorEval, after: GeneratorEval, summary: Mapping[str, Any]) -> dict[str, Any]:
     """``diversity_ratio`` (after/before of the mean Vendi score; None without embeddings) and the per-prompt

@@ -39,7 +39,10 @@ from mmalign.trainers.lora import (
 )
 from mmalign.trainers.run import Run
 
-__all__ = ["DiffusionConfig", "DiffusionLoop", "DiffusionTrainer", "ReportConfig", "assert_ratio_is_one", "group_stats"]
+__all__ = [
+    "DiffusionConfig", "DiffusionLoop", "DiffusionTrainer", "EvalConfig", "ReportConfig", "assert_ratio_is_one",
+    "group_stats",
+]
 
 
 class ReportConfig(StrictModel):
@@ -52,6 +55,18 @@ class ReportConfig(StrictModel):
         None, description="reward spec of a CLIP-type reward whose image encoder embeds the samples for the "
         "diversity metrics; null = the trained reward's (none there: pixel metrics only, with a note)",
     )
+
+
+class EvalConfig(StrictModel):
+    """The held-out evaluation run every ``eval_every`` epochs during training (the over-optimisation curves)."""
+
+    prompts: PromptSource | None = Field(None, description="held-out prompts; null = the report's prompts")
+    max_prompts: int = Field(8, ge=1, description="at most this many of them (the first), to keep each evaluation cheap")
+    samples_per_prompt: int = Field(2, ge=1, description="samples per prompt, with the same seeds every time")
+    rewards: RewardSpecs | None = Field(
+        None, description="rewards evaluated beside the trained one; null = the report's (log_rewards without a report)"
+    )
+    seed: int = Field(4321, description="noise seed of the evaluation samples (the same at every evaluation)")
 
 
 class DiffusionConfig(Recipe):
@@ -89,6 +104,11 @@ class DiffusionConfig(Recipe):
     checkpoint_every: int = Field(1, ge=1, description="epochs between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     report: ReportConfig | None = Field(None, description="before/after evaluation")
+    eval_every: int | None = Field(
+        None, ge=1,
+        description="epochs between held-out evaluations during training (and one before the first epoch); null = off",
+    )
+    eval: EvalConfig = Field(default_factory=EvalConfig, description="what eval_every evaluates")
     trackers: list[str] = Field(default_factory=list, description="accelerate trackers (tensorboard, wandb, …)")
     sample_images: int = Field(4, ge=0, description="samples of each checkpointed epoch sent to the trackers")
 
@@ -99,6 +119,8 @@ class DiffusionConfig(Recipe):
                 f"prompts_per_epoch ({self.prompts_per_epoch}) must be a multiple of prompts_per_update "
                 f"({self.prompts_per_update})"
             )
+        if self.eval_every is not None and self.eval.prompts is None and self.report is None:
+            raise ValueError("eval_every: needs eval.prompts, or a report whose prompts it evaluates")
         return self
 
 
@@ -201,12 +223,15 @@ class DiffusionLoop:
 
     # ------------------------------------------------------------------------------------------- train
     def train(self, update: Callable[[Trajectory, int], dict[str, Any]], name: str = "train") -> dict[str, Any]:
-        """Epochs from the last checkpoint on: ``rollout`` → ``score`` → ``update`` → log → checkpoint."""
+        """Epochs from the last checkpoint on: ``rollout`` → ``score`` → ``update`` → log → (``evaluate`` every
+        ``eval_every`` epochs, and before the first) → checkpoint."""
         cfg = self.config
         self.resume()
         bar = tqdm(range(self.start_epoch, cfg.epochs), desc=name, unit="epoch",
                    disable=not (self.progress and self.run.is_main))
         metrics: dict[str, Any] = {}
+        if self.start_epoch == 0 and self._eval_due(0):
+            self.evaluate(0)
         for epoch in bar:
             start = time.perf_counter()
             trajectory = self.rollout(epoch)
@@ -215,6 +240,8 @@ class DiffusionLoop:
             metrics.update(epoch=epoch, step=self.step, samples_per_s=len(trajectory) / (time.perf_counter() - start))
             self.run.log(metrics, self.step)
             bar.set_postfix(reward=f"{metrics['reward/mean']:.4g}", loss=f"{metrics['loss']:.3g}")
+            if self._eval_due(epoch + 1):  # before the checkpoint: a run killed in between redoes both
+                self.evaluate(epoch + 1)
             if (epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs:
                 self.save_checkpoint(epoch)
                 self._log_samples(trajectory)
@@ -290,6 +317,75 @@ class DiffusionLoop:
             self.ema.step(trainable_state(self.raw_unet).values())
         self.step += 1
         return float(grad_norm)
+
+    # ------------------------------------------------------------------------ evaluation during training
+    def _eval_due(self, epochs_done: int) -> bool:
+        """Whether ``evaluate`` runs once ``epochs_done`` epochs are trained: 0, every ``eval_every``, the last."""
+        every = self.config.eval_every
+        return every is not None and (epochs_done % every == 0 or epochs_done == self.config.epochs)
+
+    def evaluate(self, epochs_done: int) -> dict[str, Any] | None:
+        """The held-out evaluation of ``eval_every`` (main process; returns the row it logs, None elsewhere).
+
+        The current policy (the EMA weights when kept) samples the ``eval`` prompts with the same seeds every
+        time; the row holds the mean (and ``/std``) of the trained reward (``eval/reward``) and of every eval
+        reward (``eval/<name>``, components ``eval/<name>/<component>``), ``eval/distance_to_reference`` (the mean
+        per-sample pixel RMS difference from π_ref's samples of the same seeds, sampled once and cached) and the
+        per-prompt diversity metrics averaged over prompts (``eval/diversity/…``), with ``"eval": true``,
+        ``epoch`` (epochs trained, 0 = the base policy) and ``step``. Every draw comes from the evaluation's own
+        generators and the global RNG state is restored after, so training is the same with it on or off.
+        """
+        from mmalign.eval.generator import evaluate_generator
+
+        if not self.run.is_main:
+            return None
+        cfg = self.config.eval
+        if not hasattr(self, "_eval_prompts"):
+            report = self.config.report
+            self._eval_prompts = load_prompts(cfg.prompts or report.prompts)[: cfg.max_prompts]
+            specs = cfg.rewards if cfg.rewards is not None else report.rewards if report else self.config.log_rewards
+            self._eval_rewards = {"reward": self.reward, **build_rewards(specs, self.run.device)}
+            self._eval_reference: torch.Tensor | None = None
+
+        def sample(unet, rewards):
+            return evaluate_generator(self.adapter, self.policy, self._eval_prompts, rewards, cfg.samples_per_prompt,
+                                      cfg.seed, progress=False, unet=unet)
+
+        devices = [self.run.device] if self.run.device.type == "cuda" else []
+        was_training = self.unet.training
+        self.unet.eval()
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
+            if self._eval_reference is None:
+                with reference_policy(self.raw_unet, self.ref_copy) as ref:
+                    self._eval_reference = sample(ref, {}).batch.pixels.float()
+            with self.ema_weights():
+                current = sample(self.raw_unet, self._eval_rewards)
+            diversity = self._eval_diversity(current)
+        self.unet.train(was_training)
+        row: dict[str, Any] = {"eval": True, "epoch": epochs_done, "step": self.step}
+        for key, values in current.scores.items():
+            finite = values[torch.isfinite(values)].double()
+            row[f"eval/{key}"] = float(finite.mean()) if finite.numel() else float("nan")
+            if key in self._eval_rewards:
+                row[f"eval/{key}/std"] = float(finite.std()) if finite.numel() > 1 else float("nan")
+        difference = current.batch.pixels.float() - self._eval_reference
+        row["eval/distance_to_reference"] = float(difference.flatten(1).pow(2).mean(1).sqrt().mean())
+        row.update(diversity)
+        self.run.log(row, self.step)
+        return row
+
+    def _eval_diversity(self, evaluation) -> dict[str, float]:
+        """``eval/diversity/…``: the means over prompts of ``mmalign.eval.diversity``'s per-prompt metrics, the
+        embedding ones (Vendi, pairwise distance) with the trained reward's image encoder where it has one
+        (CLIP-family rewards)."""
+        from mmalign.eval.diversity import diversity_scores, image_encoder
+
+        try:
+            encoder = image_encoder(self.reward)
+        except ValueError:  # no image tower (e.g. a pixel rule): pixel metrics only
+            encoder = None
+        columns = diversity_scores(evaluation.batch, encoder=encoder)
+        return {f"eval/{key}": float(values[torch.isfinite(values)].mean()) for key, values in columns.items()}
 
     # -------------------------------------------------------------------------------------- bookkeeping
     def save_checkpoint(self, epoch: int) -> None:

@@ -34,6 +34,7 @@ _BUILTIN: dict[str, str] = {
     "length_penalty": "mmalign.rewards.rules:LengthPenalty",
     "ensemble": "mmalign.rewards.ensemble:Ensemble",
     "uncertainty_weighted": "mmalign.rewards.ensemble:UncertaintyWeighted",
+    "direction_corrected": "mmalign.rewards.direction:DirectionCorrected",
     "gold": "mmalign.world.gold:GoldReward",
     "proxy": "mmalign.world.proxy_reward:ProxyScore",
     "preference_proxy": "mmalign.world.proxy_reward:PreferenceProxyScore",

@@ -46,8 +46,10 @@ class Task(NamedTuple):
 TASKS: dict[str, Task] = {
     "score": Task("mmalign.eval.scoring:ScoreRecipe"),
     "prdp": Task("mmalign.trainers.prdp:PRDPConfig", "mmalign.trainers.prdp:PRDPTrainer"),
+    "backprop": Task("mmalign.trainers.backprop:BackpropConfig", "mmalign.trainers.backprop:BackpropTrainer"),
     "ddpo": Task("mmalign.trainers.ddpo:DDPOConfig", "mmalign.trainers.ddpo:DDPOTrainer"),
     "diffusion_grpo": Task("mmalign.trainers.diffusion_grpo:GRPOConfig", "mmalign.trainers.diffusion_grpo:GRPOTrainer"),
+    "d2align": Task("mmalign.trainers.d2align:D2AlignConfig", "mmalign.trainers.d2align:D2AlignTrainer"),
     "vlm_grpo": Task("mmalign.trainers.vlm_grpo.recipe:VLMGRPOConfig", "mmalign.trainers.vlm_grpo.recipe:VLMGRPORecipeTrainer"),
 }
 

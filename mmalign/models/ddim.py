@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepOutput", "DDIMPolicy", "gaussian_log_prob"]
+__all__ = ["StepOutput", "DDIMPolicy", "alphas_cumprod", "gaussian_log_prob", "predictions_from_output"]
 
 
 @dataclass
@@ -38,6 +38,35 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.
     z = (x.double() - mean.double()) / std
     dims = x[0].numel()
     return -0.5 * z.pow(2).flatten(1).sum(1) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def alphas_cumprod(scheduler_config) -> torch.Tensor:
+    """``(num_train_timesteps,)`` fp64 ᾱ_t of a diffusers scheduler config (its betas, read as DDIM reads them)."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler.from_config(scheduler_config).alphas_cumprod.double()
+
+
+def predictions_from_output(
+    model_output: torch.Tensor, sample: torch.Tensor, alpha: float | torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x̂0, ε̂)`` in at least fp32 from a model output in ``prediction_type`` at ``x_t = sample`` with ᾱ_t
+    ``alpha`` (a float, or a tensor broadcasting against the sample for per-sample timesteps)."""
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    out, x = model_output.to(dtype), sample.to(dtype)
+    a = torch.as_tensor(alpha, dtype=dtype, device=x.device)
+    if prediction_type == "epsilon":
+        eps = out
+        x0 = (x - (1 - a).sqrt() * eps) / a.sqrt()
+    elif prediction_type == "v_prediction":
+        x0 = a.sqrt() * x - (1 - a).sqrt() * out
+        eps = a.sqrt() * out + (1 - a).sqrt() * x
+    elif prediction_type == "sample":
+        x0 = out
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+    else:
+        raise ValueError(f"prediction_type: expected epsilon, v_prediction or sample, got {prediction_type!r}")
+    return x0, eps
 
 
 class DDIMPolicy:
@@ -83,20 +112,7 @@ class DDIMPolicy:
 
     def predictions(self, model_output: torch.Tensor, sample: torch.Tensor, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x̂0, ε̂)`` in at least fp32 from the model's output in its prediction type."""
-        a = self._alpha[index]
-        dtype = torch.promote_types(sample.dtype, torch.float32)
-        out, x = model_output.to(dtype), sample.to(dtype)
-        if self.prediction_type == "epsilon":
-            eps = out
-            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
-        elif self.prediction_type == "v_prediction":
-            x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
-            eps = math.sqrt(a) * out + math.sqrt(1 - a) * x
-        elif self.prediction_type == "sample":
-            x0 = out
-            eps = (x - math.sqrt(a) * x0) / math.sqrt(1 - a)
-        else:
-            raise ValueError(f"prediction_type: expected epsilon, v_prediction or sample, got {self.prediction_type!r}")
+        x0, eps = predictions_from_output(model_output, sample, self._alpha[index], self.prediction_type)
         if self.scheduler.config.clip_sample:
             limit = self.scheduler.config.clip_sample_range
             x0 = x0.clamp(-limit, limit)

@@ -11,14 +11,15 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from mmalign.models.ddim import DDIMPolicy, StepOutput
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
+from mmalign.models.ddim import DDIMPolicy, StepOutput, alphas_cumprod, predictions_from_output
+from mmalign.models.stable_diffusion import PromptEmbeds, StableDiffusionAdapter
 from mmalign.models.trajectory import Trajectory
 
 __all__ = [
     "GradSample",
     "backward_per_step",
     "backward_weighted_log_probs",
+    "denoise_in_one_step",
     "sample_trajectories",
     "sample_with_grad",
     "step_log_probs",
@@ -139,10 +140,16 @@ def backward_weighted_log_probs(
 
 
 class GradSample(NamedTuple):
-    """The end of a differentiable rollout: ``latents`` ``(B, C, h, w)`` x_0 and ``pixels`` ``(B, 3, H, W)``."""
+    """The end of a differentiable rollout: ``latents`` ``(B, C, h, w)`` x_0, ``pixels`` ``(B, 3, H, W)`` and the
+    sum of ``on_step``'s values over the kept steps (0 without one)."""
 
     latents: torch.Tensor
     pixels: torch.Tensor
+    penalty: torch.Tensor | float = 0.0
+
+
+#: ``on_step(index, x_t, model_output)``: a scalar added to ``GradSample.penalty`` at each kept step
+StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample_with_grad(
@@ -152,35 +159,87 @@ def sample_with_grad(
     noise: torch.Tensor,
     generator: torch.Generator | None = None,
     unet: torch.nn.Module | None = None,
-    grad_steps: int | None = None,
+    grad_steps: int | torch.Tensor | None = None,
     gradient_checkpointing: bool = False,
+    start_index: int = 0,
+    embeds: PromptEmbeds | None = None,
+    on_step: StepHook | None = None,
+    decoder_checkpointing: bool = False,
 ) -> GradSample:
-    """Sample from ``noise`` ``(B, C, h, w)`` with autograd through the last ``grad_steps`` steps (None: all).
+    """Sample from ``noise`` ``(B, C, h, w)`` (the latent before step ``start_index``; 0: the initial noise) with
+    autograd through the last ``grad_steps`` steps (None: all).
 
     The earlier steps run without a graph and their output is detached: DRaFT-K's truncation (K = 1 is often
-    enough), or AlignProp's when the caller draws K. With all steps kept and ``noise.requires_grad``, the
-    gradient reaches the initial noise (ReNO). Each step's noise comes from ``generator`` and is fixed given it,
-    so ``x_{t-1} = μ_θ(x_t) + σ_t·z`` is differentiable in θ and x_t (the reparameterised DDIM-η step).
-    ``gradient_checkpointing`` recomputes each kept UNet call in backward instead of storing its activations:
-    memory of one step's activations instead of K.
+    enough). A ``(B,)`` tensor gives each sample its own K (AlignProp's truncation, drawn once per trajectory):
+    a sample's latent is detached before its first kept step. With all steps kept and ``noise.requires_grad``,
+    the gradient reaches the initial noise (ReNO). Each step's noise comes from ``generator`` and is fixed given
+    it, so ``x_{t-1} = μ_θ(x_t) + σ_t·z`` is differentiable in θ and x_t (the reparameterised DDIM-η step).
+    ``gradient_checkpointing`` recomputes each kept UNet call in backward instead of storing its activations
+    (memory of one step's activations instead of K); ``decoder_checkpointing`` does the same for the VAE decoder.
+    ``embeds`` reuses stored prompt embeddings; ``on_step`` adds a per-step term, e.g. a penalty towards a
+    reference model's output at the same ``x_t``.
     """
     unet = adapter.unet if unet is None else unet
     prompts = list(prompts)
     if noise.shape != (len(prompts), *adapter.latent_shape):
         raise ValueError(f"noise: expected shape {(len(prompts), *adapter.latent_shape)}, got {tuple(noise.shape)}")
-    kept = policy.num_steps if grad_steps is None else grad_steps
-    if not isinstance(kept, int) or not 0 <= kept <= policy.num_steps:
-        raise ValueError(f"grad_steps: expected None or an int in [0, {policy.num_steps}], got {grad_steps!r}")
-    embeds = adapter.encode_prompts(prompts)
+    if not isinstance(start_index, int) or not 0 <= start_index < policy.num_steps:
+        raise ValueError(f"start_index: expected an int in [0, {policy.num_steps}), got {start_index!r}")
+    remaining = policy.num_steps - start_index
+    kept = _kept_steps(grad_steps, remaining, len(prompts)).to(adapter.device)
+    first_kept = policy.num_steps - kept  # (B,) index of each sample's first step with a graph
+    embeds = adapter.encode_prompts(prompts) if embeds is None else embeds
     x = noise.to(adapter.device)
-    first_kept = policy.num_steps - kept
-    for index, t in enumerate(policy.timesteps):
-        with torch.enable_grad() if index >= first_kept else torch.no_grad():
-            if index >= first_kept and gradient_checkpointing:
-                out = checkpoint(adapter.model_output, unet, x, t, embeds, use_reentrant=False)
-            else:
-                out = adapter.model_output(unet, x, t, embeds)
-            x = policy.step(out, x, index, generator=generator).prev_sample
-        if index < first_kept:
-            x = x.detach()
-    return GradSample(x, adapter.decode(x))
+    penalty: torch.Tensor | float = 0.0
+    for index in range(start_index, policy.num_steps):
+        t = policy.timesteps[index]
+        keep = first_kept <= index
+        if not bool(keep.any()):
+            with torch.no_grad():
+                x = policy.step(adapter.model_output(unet, x, t, embeds), x, index, generator=generator).prev_sample
+            continue
+        x = torch.where(keep.view(-1, 1, 1, 1), x, x.detach())  # samples whose truncation lies later
+        if gradient_checkpointing:
+            out = checkpoint(adapter.model_output, unet, x, t, embeds, use_reentrant=False)
+        else:
+            out = adapter.model_output(unet, x, t, embeds)
+        if on_step is not None:
+            penalty = penalty + on_step(index, x, out)
+        x = policy.step(out, x, index, generator=generator).prev_sample
+    pixels = checkpoint(adapter.decode, x, use_reentrant=False) if decoder_checkpointing else adapter.decode(x)
+    return GradSample(x, pixels, penalty)
+
+
+def _kept_steps(grad_steps: int | torch.Tensor | None, remaining: int, batch: int) -> torch.Tensor:
+    """``(B,)`` number of final steps each sample keeps a graph through, validated against ``remaining``."""
+    if grad_steps is None:
+        return torch.full((batch,), remaining)
+    if isinstance(grad_steps, torch.Tensor):
+        kept = grad_steps.long().flatten()
+        if kept.shape != (batch,) or bool((kept < 0).any()) or bool((kept > remaining).any()):
+            raise ValueError(f"grad_steps: expected a ({batch},) tensor of ints in [0, {remaining}], got {grad_steps!r}")
+        return kept
+    if isinstance(grad_steps, bool) or not isinstance(grad_steps, int) or not 0 <= grad_steps <= remaining:
+        raise ValueError(f"grad_steps: expected None or an int in [0, {remaining}], got {grad_steps!r}")
+    return torch.full((batch,), grad_steps)
+
+
+def denoise_in_one_step(
+    adapter: StableDiffusionAdapter,
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    embeds: PromptEmbeds,
+    scheduler_config,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Direct-Align's ground-truth-noise prior: noise ``x0`` with known ``noise`` to ``x_t = √ᾱ·x0 + √(1−ᾱ)·ε`` at
+    per-sample ``timesteps`` ``(B,)``, and recover ``x̂0`` from one guided model call (with autograd).
+
+    Returns ``(x̂0, x_t, model_output)``; the model output is in the pipeline's prediction type.
+    """
+    alphas = alphas_cumprod(scheduler_config).to(x0.device)[timesteps.to(x0.device).long()].view(-1, 1, 1, 1)
+    x_t = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise.to(x0)
+    out = adapter.model_output(unet, x_t, timesteps.to(adapter.device), embeds)
+    x0_hat, _ = predictions_from_output(out, x_t, alphas, scheduler_config.prediction_type)
+    return x0_hat, x_t, out

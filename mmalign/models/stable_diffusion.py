@@ -69,11 +69,14 @@ class StableDiffusionAdapter:
     def model_output(
         self, unet: torch.nn.Module, latents: torch.Tensor, timestep: torch.Tensor | int, embeds: PromptEmbeds
     ) -> torch.Tensor:
-        """The guided UNet output ``u + w·(c − u)`` in the model's prediction type (ε or v)."""
+        """The guided UNet output ``u + w·(c − u)`` in the model's prediction type (ε or v); ``timestep`` is a
+        scalar or ``(B,)`` per sample."""
         dtype = next(unet.parameters()).dtype
         x = latents.to(dtype)
         if self.guidance_scale == 1.0:
             return unet(x, timestep, encoder_hidden_states=embeds.cond.to(dtype)).sample
+        if isinstance(timestep, torch.Tensor) and timestep.ndim == 1:  # per-sample timesteps, for both halves
+            timestep = torch.cat([timestep, timestep])
         both = unet(
             torch.cat([x, x]), timestep, encoder_hidden_states=torch.cat([embeds.uncond, embeds.cond]).to(dtype)
         ).sample

@@ -86,13 +86,23 @@ def test_truncated_gradient_in_the_weights_matches_finite_differences(setup, gra
     torch.testing.assert_close((analytic * direction).sum(), numeric, rtol=1e-5, atol=1e-8)
 
 
+def test_per_sample_truncation_cuts_each_samples_own_chain(setup):
+    """AlignProp: a (B,) grad_steps gives each sample its own K; with K < num_steps the initial noise of that
+    sample gets no gradient, with K = num_steps it does."""
+    adapter, policy = setup
+    noise = _noise(adapter).requires_grad_()
+    _loss(adapter, policy, noise, grad_steps=torch.tensor([policy.num_steps, 1])).backward()
+    assert noise.grad[0].abs().sum() > 0 and noise.grad[1].abs().sum() == 0
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(setup):
     adapter, policy = setup
     weight = adapter.unet.conv_out.weight
     grads = []
     for flag in (False, True):
         adapter.unet.zero_grad(set_to_none=True)
-        _loss(adapter, policy, _noise(adapter), grad_steps=2, gradient_checkpointing=flag).backward()
+        _loss(adapter, policy, _noise(adapter), grad_steps=2, gradient_checkpointing=flag,
+              decoder_checkpointing=flag).backward()
         grads.append(weight.grad.clone())
     adapter.unet.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)

@@ -1,15 +1,8 @@
 """A tiny run against mean brightness, shared by the trainers' "training raises the reward" tests."""
 
-from diffusion_run import config
+from diffusion_run import Brightness, config
 
-from mmalign.rewards import Reward, RewardOutput, register
-
-
-class Brightness(Reward):
-    name = "brightness"
-
-    def forward(self, batch):
-        return RewardOutput(batch.pixels.flatten(1).mean(1))
+from mmalign.rewards import register
 
 
 def brightness_run(trainer_class, algorithm, tmp_path, tiny_sd_factory, epochs=6, **overrides):

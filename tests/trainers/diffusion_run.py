@@ -1,6 +1,6 @@
 """Runs a tiny diffusion RL job; used by the resume and multi-process tests as a subprocess.
 
-usage: python diffusion_run.py ALGORITHM OUTPUT_DIR EPOCHS [--kill-after-epoch N]   (prdp, ddpo or grpo)
+usage: python diffusion_run.py ALGORITHM OUTPUT_DIR EPOCHS [--kill-after-epoch N]   (prdp, ddpo, grpo or backprop)
 """
 
 import json
@@ -14,6 +14,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tiny_models.py
 from tiny_models import make_tiny_sd_pipeline  # noqa: E402
 
+from mmalign.rewards import Reward, RewardOutput, register  # noqa: E402
+from mmalign.trainers.backprop import BackpropConfig, BackpropTrainer  # noqa: E402
 from mmalign.trainers.ddpo import DDPOConfig, DDPOTrainer  # noqa: E402
 from mmalign.trainers.diffusion_grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 from mmalign.trainers.lora import trainable_state  # noqa: E402
@@ -28,12 +30,26 @@ ALGORITHMS = {
     "prdp": (PRDPTrainer, PRDPConfig, {"beta": 0.05, "clip_range": 0.5}),
     "ddpo": (DDPOTrainer, DDPOConfig, {"min_count": 2, "buffer_size": 6}),
     "grpo": (GRPOTrainer, GRPOConfig, {"beta": 0.1, "timestep_fraction": 0.5}),
+    "backprop": (BackpropTrainer, BackpropConfig, {"reward": ["brightness"], "method": "alignprop", "grad_steps": 2}),
 }
+
+
+class Brightness(Reward):
+    """Mean pixel value: the tiny runs' differentiable reward."""
+
+    name = "brightness"
+    differentiable = True
+
+    def forward(self, batch):
+        return RewardOutput(batch.pixels.flatten(1).mean(1))
+
+
+register("brightness", Brightness)
 
 
 def config(output_dir: str, epochs: int, algorithm: str = "prdp"):
     _, schema, own = ALGORITHMS[algorithm]
-    return schema(**COMMON, **own, epochs=epochs, output_dir=output_dir)
+    return schema(**{**COMMON, **own}, epochs=epochs, output_dir=output_dir)
 
 
 def kill_after(trainer, epoch_to_die: int) -> None:

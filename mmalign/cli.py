@@ -96,14 +96,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
     finally:
         trainer.cleanup()
     if summary:
+        width = max([24, *map(len, summary["before"])])
         for name in summary["before"]:
             b, a = summary["before"][name], summary["after"][name]
             d = summary.get("paired_change", {}).get(name)
             change = f"  change {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else ""
-            print(f"{name:>24}: {b['mean']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] -> "
+            print(f"{name:>{width}}: {b['mean']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] -> "
                   f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]{change}  (n={a['n']})")
         if summary.get("diversity_ratio") is not None:
-            print(f"{'diversity_ratio':>24}: {summary['diversity_ratio']:.4f}  (after/before of the mean Vendi score)")
+            print(f"{'diversity_ratio':>{width}}: {summary['diversity_ratio']:.4f}  (after/before of the mean Vendi score)")
     print(f"run folder: {trainer.run_dir}  (weights: {exported})")
     return 0
 
@@ -150,8 +151,9 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
     encoder, encoder_spec = _diversity_encoder(args.diversity_encoder, pipeline_name, rewards, args.device)
     result.add_diversity(encoder)
     summary = result.summary()
+    width = max([24, *map(len, summary)])
     for name, s in summary.items():
-        print(f"{name:>24}: {s['mean']:.4f}  95% CI [{s['ci_low']:.4f}, {s['ci_high']:.4f}]  n={s['n']}")
+        print(f"{name:>{width}}: {s['mean']:.4f}  95% CI [{s['ci_low']:.4f}, {s['ci_high']:.4f}]  n={s['n']}")
     if args.out:
         per_prompt = {"prompts": result.group_prompts(),
                       **{k: [float(v) for v in values] for k, values in result.diversity.items()}}
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
         "generator", help="gold/proxy evaluation of a run or pipeline on a prompt split",
         description="Sample a pipeline (or a training run's result) on world prompts or a prompt file with fixed "
         "seeds, score the images, print mean and 95%% CI per reward and of the per-prompt diversity metrics "
-        "(docs/world.md).",
+        "(docs/architecture.md, Diversity).",
     )
     generator.add_argument("--run", help="training run folder (its config, base pipeline and exported weights)")
     generator.add_argument("--pipeline", help="'world', a hub id or a pipeline folder")

@@ -1,10 +1,16 @@
 """D²-Align's direction-corrected CLIP reward (Chen et al., CVPR 2026) and its stage 1, learning the correction.
 
-A CLIP-type reward scores ``scale·cos(Φ_img(x), e)`` with ``e`` the prompt's unit text embedding. D²-Align
-learns one vector ``b`` in that text space and scores against a guided embedding instead:
+A CLIP-type reward scores ``f(cos(Φ_img(x), e))`` with ``e`` the prompt's unit text embedding and ``f`` the
+reward's own map from the cosine to its score (``scale·cos`` for CLIPScore and the world proxies, ``cos`` for
+HPSv2, ``logit_scale·cos`` for PickScore). D²-Align learns one vector ``b`` in that text space and scores against
+a guided embedding instead:
 
     e₊ = normalize(e + b),   e₋ = normalize(e − b),   ẽ = normalize(e₋ + ω·(e₊ − e₋)),
-    R(x, c) = scale·cos(Φ_img(x), ẽ).
+    R(x, c) = f(cos(Φ_img(x), ẽ)).
+
+A reward says what ``f`` is with a method ``score_from_cosine(cosine, batch)`` (HPSv2, PickScore; its own
+``forward`` goes through the same method, so ``b = 0`` reproduces its score bit for bit) or, failing that, a
+numeric ``scale`` (``f = scale·cos``, unclamped: CLIPScore, ``proxy``, ``preference_proxy``).
 
 With ω > 1 ``ẽ`` extrapolates from ``e₋`` past ``e₊`` (as classifier-free guidance does from the unconditional
 prediction): for a small ``b``, ``ẽ ≈ normalize(e + (2ω − 1)·b⊥)``, ``b⊥`` the part of ``b`` orthogonal to
@@ -22,7 +28,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -38,6 +44,7 @@ __all__ = [
     "CorrectionFit",
     "DirectionCorrected",
     "correction_objective",
+    "cosine_to_score",
     "guided_embedding",
     "learn_correction",
     "load_correction",
@@ -71,35 +78,62 @@ def _frame_cosines(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ the reward
-def require_clip_type(reward: Reward) -> CLIPFamilyReward:
-    """``reward`` if it is a CLIP-type ``scale·cos`` reward (a CLIPFamilyReward with a numeric ``scale``)."""
+#: ``(cosine (B,), batch) -> scores (B,)``: how a CLIP-type reward makes its score from the cosine
+CosineToScore = Callable[[torch.Tensor, MediaBatch], torch.Tensor]
+
+
+def _numeric(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def cosine_to_score(reward: Reward) -> CosineToScore | None:
+    """How ``reward`` makes its score from ``cos(Φ_img(x), e)``, or None where it does not say.
+
+    A CLIPFamilyReward whose backbone encodes text and images says it with a method
+    ``score_from_cosine(cosine, batch)`` (HPSv2: the cosine; PickScore: ``logit_scale·cos``, or its group
+    softmax), or else with a numeric ``scale`` (``scale·cos``, unclamped). Anything else (no text embedding in the
+    score, as the aesthetic head or JPEG; a score that is not a function of the cosine, as goal–baseline) is None.
+    """
+    if not isinstance(reward, CLIPFamilyReward):
+        return None
+    backbone = getattr(reward, "backbone", None)
+    if not (hasattr(backbone, "encode_text") and hasattr(backbone, "encode_image")):
+        return None
+    method = getattr(reward, "score_from_cosine", None)
+    if callable(method):
+        return method
     scale = getattr(reward, "scale", None)
-    if (
-        not isinstance(reward, CLIPFamilyReward)
-        or isinstance(scale, bool)
-        or not isinstance(scale, (int, float))
-        or not hasattr(reward.backbone, "encode_text")
-        or not hasattr(reward.backbone, "encode_image")
-    ):
+    if _numeric(scale):
+        return lambda cosine, batch: float(scale) * cosine
+    return None
+
+
+def require_clip_type(reward: Reward) -> CLIPFamilyReward:
+    """``reward`` if it is a CLIP-type reward whose score is a function of ``cos(image, text)``
+    (``cosine_to_score`` is not None); a ValueError naming it otherwise."""
+    if cosine_to_score(reward) is None:
         name = getattr(reward, "name", type(reward).__name__)
         raise ValueError(
-            f"reward: direction_corrected wraps a CLIP-type reward scoring scale·cos(image, text) (clip, proxy, "
-            f"preference_proxy, …), got {name!r} ({type(reward).__name__})"
+            f"reward: direction_corrected wraps a CLIP-type reward whose score is a function of cos(image, text) "
+            f"(clip, proxy, preference_proxy, hpsv2, pickscore: a score_from_cosine method or a numeric scale), "
+            f"got {name!r} ({type(reward).__name__})"
         )
     return reward
 
 
 class DirectionCorrected(Reward):
-    """D²-Align's corrected CLIP score ``scale·cos(Φ_img(x), ẽ)``, ``ẽ = normalize(e₋ + ω·(e₊ − e₋))``.
+    """D²-Align's corrected CLIP score ``f(cos(Φ_img(x), ẽ))``, ``ẽ = normalize(e₋ + ω·(e₊ − e₋))``.
 
-    ``e± = normalize(e ± b)`` with ``e`` the prompt's unit text embedding and ``b`` a learned correction (stage 1
-    of D²-Align, ``learn_correction``). The score is in the wrapped reward's own scale and unclamped (so
-    optimisation keeps a gradient where the cosine is negative); with ``b = 0`` it is the wrapped reward's
-    ``scale·cos`` exactly. Videos are scored per frame and averaged.
+    ``e± = normalize(e ± b)`` with ``e`` the prompt's unit text embedding, ``b`` a learned correction (stage 1
+    of D²-Align, ``learn_correction``) and ``f`` the wrapped reward's map from the cosine to its score
+    (``cosine_to_score``: its ``score_from_cosine``, or ``scale·cos``). The score is in the wrapped reward's own
+    units; a ``scale`` reward's is unclamped (so optimisation keeps a gradient where the cosine is negative).
+    With ``b = 0`` it is the wrapped reward's score exactly. Videos are scored per frame and averaged. The scope
+    is the wrapped reward's (PickScore with ``softmax: true`` is a group reward).
 
     Args:
-        reward: the wrapped CLIP-type reward (``clip``, ``proxy``, ``preference_proxy`` …): a Reward or a spec
-            built with the registry (``{"name": "preference_proxy"}``).
+        reward: the wrapped CLIP-type reward (``clip``, ``proxy``, ``preference_proxy``, ``hpsv2``,
+            ``pickscore`` …): a Reward or a spec built with the registry (``{"name": "hpsv2"}``).
         correction: ``b``: a ``(D,)`` tensor or a file written by ``save_correction``.
         omega: the guidance weight ω (1.5 in the paper; 1 scores against ``e₊``, 0.5 is close to no correction).
     Components: ``corrected_cosine`` (the scored one) and ``cosine`` (against ``e``, the wrapped reward's).
@@ -118,6 +152,7 @@ class DirectionCorrected(Reward):
 
             reward = build(reward)
         self.reward = require_clip_type(reward)
+        self.scope = reward.scope
         if isinstance(omega, bool) or not isinstance(omega, (int, float)) or not math.isfinite(omega):
             raise ValueError(f"omega: expected a finite number, got {omega!r}")
         self.omega = float(omega)
@@ -143,8 +178,10 @@ class DirectionCorrected(Reward):
         return self.reward.backbone
 
     @property
-    def scale(self) -> float:
-        return float(self.reward.scale)
+    def scale(self) -> float | None:
+        """The wrapped reward's numeric ``scale`` (``scale·cos`` rewards), else None."""
+        scale = getattr(self.reward, "scale", None)
+        return float(scale) if _numeric(scale) else None
 
     def forward(self, batch: MediaBatch) -> RewardOutput:
         backbone = self.backbone
@@ -161,7 +198,8 @@ class DirectionCorrected(Reward):
         corrected = _frame_cosines(image, guided.to(image.device)).float()
         plain = _frame_cosines(image.detach(), text.to(image.device)).float()
         info = {"omega": self.omega, "correction_norm": float(b.norm())}
-        return RewardOutput(self.scale * corrected, {"corrected_cosine": corrected, "cosine": plain}, info=info)
+        scores = cosine_to_score(self.reward)(corrected, batch)
+        return RewardOutput(scores, {"corrected_cosine": corrected, "cosine": plain}, info=info)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, omega={self.omega}, correction_dim={self.correction.shape[0]}"

@@ -36,6 +36,11 @@ class HPSv2(CLIPFamilyReward):
         path = hub_file(checkpoint, repo_id)
         super().__init__(OpenCLIPBackbone(architecture, path, device, dtype, gradient_checkpointing))
 
+    def score_from_cosine(self, cosine: torch.Tensor, batch: MediaBatch | None = None) -> torch.Tensor:
+        """The score from the image–prompt cosine ``(B,)``: the cosine itself (what ``direction_corrected``
+        applies to its corrected cosine; ``forward`` goes through it too)."""
+        return cosine
+
     def forward(self, batch: MediaBatch) -> RewardOutput:
         cosine = self.cosines(batch).float()
-        return RewardOutput(cosine, {"cosine": cosine})
+        return RewardOutput(self.score_from_cosine(cosine, batch), {"cosine": cosine})

@@ -51,10 +51,18 @@ class PickScore(CLIPFamilyReward):
         self.softmax = bool(softmax)
         self.scope = "group" if softmax else "sample"
 
+    def score_from_cosine(self, cosine: torch.Tensor, batch: MediaBatch | None = None) -> torch.Tensor:
+        """The score from the image–prompt cosine ``(B,)``: ``logit_scale·cos``, or with ``softmax`` its softmax
+        within each group of ``batch`` (what ``direction_corrected`` applies to its corrected cosine; ``forward``
+        goes through it too)."""
+        logits = self.backbone.logit_scale * cosine
+        if not self.softmax:
+            return logits
+        if batch is None:
+            raise ValueError("batch: PickScore with softmax=True needs the batch to find each sample's group")
+        return group_softmax(logits, group_ids(batch))
+
     def forward(self, batch: MediaBatch) -> RewardOutput:
         cosine = self.cosines(batch).float()
-        logits = self.backbone.logit_scale * cosine
-        components = {"cosine": cosine, "logit": logits}
-        if not self.softmax:
-            return RewardOutput(logits, components)
-        return RewardOutput(group_softmax(logits, group_ids(batch)), components)
+        components = {"cosine": cosine, "logit": self.backbone.logit_scale * cosine}
+        return RewardOutput(self.score_from_cosine(cosine, batch), components)

@@ -1,4 +1,7 @@
-"""D²-Align's direction-corrected reward against its formula on hand-built embeddings, and stage 1's sign."""
+"""D²-Align's direction-corrected reward against its formula on hand-built embeddings and on tiny HPSv2 and
+PickScore models, and stage 1's sign."""
+
+import json
 
 import numpy as np
 import pytest
@@ -13,6 +16,7 @@ from mmalign.rewards.direction import (
     CORRECTION_KEY,
     DirectionCorrected,
     correction_objective,
+    cosine_to_score,
     learn_correction,
     load_correction,
     save_correction,
@@ -148,12 +152,134 @@ def test_refuses_rewards_that_are_not_clip_type(tmp_path):
 
     with pytest.raises(ValueError, match="'plain'"):
         DirectionCorrected(Plain(), torch.zeros(D))
+    class BoolScale(NoScale):
+        name = "bool_scale"
+        scale = True
+
+    with pytest.raises(ValueError, match="'bool_scale'"):
+        DirectionCorrected(BoolScale(), torch.zeros(D))
     with pytest.raises(ValueError, match="omega"):
         DirectionCorrected(FixedCLIP(), torch.zeros(D), omega=float("nan"))
     with pytest.raises(ValueError, match="1-D"):
         DirectionCorrected(FixedCLIP(), torch.zeros(2, D))
     with pytest.raises(ValueError, match="has 5 dimensions"):
         DirectionCorrected(FixedCLIP(), torch.zeros(5))(batch(2))
+
+
+# ------------------------------------------------------------------------------------------------ HPSv2, PickScore
+@pytest.fixture(scope="module")
+def hps_spec(tiny_open_clip_dir, tmp_path_factory):
+    """An HPSv2 spec on the tiny OpenCLIP model: its architecture registered under a name (as ViT-H-14 is) and
+    its weights saved as an HPS checkpoint."""
+    import open_clip
+
+    config = json.loads((tiny_open_clip_dir / "open_clip_config.json").read_text())
+    folder = tmp_path_factory.mktemp("hps")
+    (folder / "mmalign-tiny-hps-arch.json").write_text(json.dumps(config["model_cfg"]))
+    open_clip.add_model_config(folder / "mmalign-tiny-hps-arch.json")
+    model = open_clip.create_model(f"local-dir:{tiny_open_clip_dir}")
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, folder / "HPS_tiny.pt")
+    return {"name": "hpsv2", "checkpoint": str(folder / "HPS_tiny.pt"), "architecture": "mmalign-tiny-hps-arch"}
+
+
+CLIP_TYPE = {
+    "hpsv2": lambda hps, hf: hps,
+    "pickscore": lambda hps, hf: {"name": "pickscore", "model": str(hf), "processor": None},
+    "pickscore-softmax": lambda hps, hf: {"name": "pickscore", "model": str(hf), "processor": None, "softmax": True},
+}
+
+
+def clip_type_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    prompts = ["a red circle", "a blue square", "a red circle", "a blue square", "a red circle"]
+    return MediaBatch(torch.rand(5, 3, 32, 32, generator=g), prompts)
+
+
+@pytest.mark.parametrize("which", sorted(CLIP_TYPE))
+def test_zero_correction_is_hpsv2_and_pickscore_exactly(which, hps_spec, tiny_hf_clip_dir, tmp_path):
+    reward = build(CLIP_TYPE[which](hps_spec, tiny_hf_clip_dir))
+    media = clip_type_batch()
+    dim = reward.backbone.encode_text(["x"]).shape[-1]
+    corrected = DirectionCorrected(reward, torch.zeros(dim), 1.5)
+    assert corrected.scope == reward.scope == ("group" if which.endswith("softmax") else "sample")
+    out = corrected(media)
+    assert torch.equal(out.scores, reward(media).scores)
+    assert torch.equal(out.components["corrected_cosine"], out.components["cosine"])
+    assert torch.equal(out.components["cosine"], reward(media).components["cosine"])
+    # and built from a spec with a zero correction file, as a recipe would
+    path = save_correction(tmp_path / "zero.safetensors", torch.zeros(dim), {"reward": reward.name})
+    spec = {"name": "direction_corrected", "reward": CLIP_TYPE[which](hps_spec, tiny_hf_clip_dir),
+            "correction": str(path)}
+    assert torch.equal(build(spec)(media).scores, reward(media).scores)
+
+
+@pytest.mark.parametrize("which", sorted(CLIP_TYPE))
+def test_hpsv2_and_pickscore_corrections_follow_the_formula(which, hps_spec, tiny_hf_clip_dir):
+    """With b ≠ 0 the score is the wrapped reward's map (cos; logit_scale·cos; its group softmax) applied to the
+    cosine against ẽ, the formula written out in NumPy on the backbone's own embeddings."""
+    reward = build(CLIP_TYPE[which](hps_spec, tiny_hf_clip_dir))
+    media = clip_type_batch(1)
+    backbone = reward.backbone
+    e = backbone.encode_text(media.prompts).double().numpy()
+    b = 0.3 * F.normalize(torch.randn(e.shape[-1], generator=torch.Generator().manual_seed(3)), dim=0)
+    out = DirectionCorrected(reward, b, 1.5)(media)
+    plus, minus = unit(e + b.double().numpy()), unit(e - b.double().numpy())
+    guided = unit(minus + 1.5 * (plus - minus))
+    image = backbone.encode_image(media.pixels).double().numpy()
+    cosine = (image * guided).sum(-1)
+    np.testing.assert_allclose(out.components["corrected_cosine"].numpy(), cosine, rtol=1e-5, atol=1e-6)
+    if which == "hpsv2":
+        expected = cosine
+    else:
+        logits = backbone.logit_scale * cosine
+        expected = logits
+        if which.endswith("softmax"):  # groups: the samples of one prompt
+            expected = np.empty_like(logits)
+            for group in ([0, 2, 4], [1, 3]):
+                z = np.exp(logits[group] - logits[group].max())
+                expected[group] = z / z.sum()
+    np.testing.assert_allclose(out.scores.numpy(), expected, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(cosine, (image * e).sum(-1), atol=1e-4)  # the correction changed the cosine
+
+
+def test_hpsv2_and_pickscore_are_differentiable_through_the_correction(hps_spec, tiny_hf_clip_dir):
+    for which in ("hpsv2", "pickscore"):
+        reward = build(CLIP_TYPE[which](hps_spec, tiny_hf_clip_dir))
+        media = clip_type_batch(2)
+        dim = reward.backbone.encode_text(["x"]).shape[-1]
+        corrected = DirectionCorrected(reward, 0.2 * F.normalize(torch.randn(dim), dim=0))
+        assert corrected.differentiable
+        pixels = media.pixels.clone().requires_grad_(True)
+        corrected(MediaBatch(pixels, media.prompts)).scores.sum().backward()
+        assert torch.isfinite(pixels.grad).all() and pixels.grad.abs().sum() > 0
+
+
+def test_score_maps_and_refusals_of_the_rewards_in_the_box(hps_spec, tiny_open_clip_dir, tiny_hf_clip_dir, tmp_path):
+    """What cosine_to_score says about the built-in rewards: a map for the CLIP-type ones, None for the aesthetic
+    head (no text embedding), goal–baseline (not a function of the prompt cosine) and JPEG (no backbone)."""
+    from mmalign.rewards.aesthetic import AestheticHead
+
+    torch.save(AestheticHead(32).state_dict(), tmp_path / "head.pth")
+    cosine = torch.tensor([0.1, -0.2, 0.3])
+    clip = build({"name": "clip", "model": str(tiny_open_clip_dir), "pretrained": None, "scale": 2.5})
+    torch.testing.assert_close(cosine_to_score(clip)(cosine, None), 2.5 * cosine)  # unclamped
+    assert torch.equal(cosine_to_score(build(hps_spec))(cosine, None), cosine)
+    pick = build(CLIP_TYPE["pickscore"](hps_spec, tiny_hf_clip_dir))
+    torch.testing.assert_close(cosine_to_score(pick)(cosine, None), pick.backbone.logit_scale * cosine)
+    with pytest.raises(ValueError, match="needs the batch"):
+        build(CLIP_TYPE["pickscore-softmax"](hps_spec, tiny_hf_clip_dir)).score_from_cosine(cosine)
+    refused = {
+        "aesthetic": {"name": "aesthetic", "model": str(tiny_open_clip_dir), "pretrained": None,
+                      "head": str(tmp_path / "head.pth")},
+        "goal_baseline": {"name": "goal_baseline", "model": str(tiny_open_clip_dir), "pretrained": None,
+                          "baseline": "a shape"},
+        "jpeg_compressibility": "jpeg_compressibility",
+    }
+    for name, spec in refused.items():
+        reward = build(spec)
+        assert cosine_to_score(reward) is None
+        with pytest.raises(ValueError, match=f"got '{name}'"):
+            DirectionCorrected(reward, torch.zeros(32))
 
 
 def test_correction_files_round_trip(tmp_path):

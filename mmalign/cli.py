@@ -189,6 +189,7 @@ def _diversity_encoder(text: str | None, pipeline: str | None, rewards: dict, de
 def _cmd_bench_train(args: argparse.Namespace) -> int:
     from mmalign.models.pipelines import load_sd_pipeline
     from mmalign.trainers.bench import (
+        DEFAULT_VARIANTS,
         bench_algorithms,
         bench_prdp_update,
         format_algorithm_rows,
@@ -198,9 +199,14 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     def load():
         return load_sd_pipeline(args.pipeline).to(args.device)
 
-    print(f"{args.prompts} prompts × {args.samples_per_prompt} samples, {args.steps} DDIM steps, LoRA, on {args.device}")
-    rows = bench_algorithms(load, args.algorithms, args.prompts, args.samples_per_prompt, args.steps, args.epochs)
+    print(f"{args.prompts} prompts × {args.samples_per_prompt} samples, {args.steps} DDIM steps, LoRA, on {args.device}; "
+          f"reward jpeg_incompressibility (back-propagation: {args.backprop_reward})")
+    rows = bench_algorithms(load, args.algorithms or DEFAULT_VARIANTS, args.prompts, args.samples_per_prompt,
+                            args.steps, args.epochs, differentiable_reward=args.backprop_reward)
     print(format_algorithm_rows(rows))
+    print("\nThe update alone (median seconds; peak memory; the first update's gradient norm, before clipping):")
+    names = [r.task for r in rows]
+    print(format_train_rows([r.update for r in rows], "prdp" if "prdp" in names else names[0]))
     if args.prdp_paths:
         print("\nPRDP update, per-timestep vs whole-graph backward:")
         print(format_train_rows(bench_prdp_update(load(), args.group_sizes, args.steps)))
@@ -283,12 +289,16 @@ def build_parser() -> argparse.ArgumentParser:
     rewards_bench.set_defaults(func=_cmd_bench_rewards)
     train_bench = benches.add_parser(
         "train", help="the diffusion algorithms side by side: samples/s and peak memory at equal batch",
-        description="PRDP, DDPO and diffusion GRPO, each its own trainer for a few epochs at the same batch: seconds "
-        "per epoch, samples/s, peak memory saved for backward (and CUDA's peak). --prdp-paths adds one PRDP update "
+        description="PRDP, DDPO, diffusion GRPO and the back-propagation trainer (draft-all: DRaFT-K with K = every "
+        "step; direct-align; +ckpt: UNet and VAE decoder checkpointing), each its own trainer for a few epochs at "
+        "the same batch: seconds per epoch and samples/s; then the update alone: samples/s, peak memory saved for "
+        "backward (and CUDA's peak) and gradient norm, as ratios to PRDP's. --prdp-paths adds one PRDP update "
         "per group size B with the per-timestep and the whole-graph backward.",
     )
     train_bench.add_argument("--pipeline", default="world", help="'world', a hub id or a pipeline folder")
-    train_bench.add_argument("--algorithms", nargs="+", default=["prdp", "ddpo", "diffusion_grpo"])
+    train_bench.add_argument("--algorithms", nargs="+", help="task names or draft-all[+ckpt], direct-align[+ckpt] "
+                             "(default: prdp, ddpo, diffusion_grpo and the four back-propagation variants)")
+    train_bench.add_argument("--backprop-reward", default="proxy", help="the back-propagation trainer's reward")
     train_bench.add_argument("--prompts", type=int, default=2, help="prompts per epoch")
     train_bench.add_argument("--samples-per-prompt", type=int, default=4)
     train_bench.add_argument("--epochs", type=int, default=4, help="epochs per algorithm (the first is not timed)")

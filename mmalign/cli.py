@@ -106,6 +106,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if summary.get("diversity_ratio") is not None:
             print(f"{'diversity_ratio':>{width}}: {summary['diversity_ratio']:.4f}  (after/before of the mean Vendi score)")
     print(f"run folder: {trainer.run_dir}  (weights: {exported})")
+    for name in ("summary.json", "grid.png", "curves.png"):
+        if (Path(trainer.run_dir) / name).is_file():
+            print(f"{name:>14}: {Path(trainer.run_dir) / name}")
     return 0
 
 

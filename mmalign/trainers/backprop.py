@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
+from torch.utils.checkpoint import checkpoint
 
 from mmalign.media import MediaBatch
 from mmalign.models.rollout import denoise_in_one_step, sample_with_grad
@@ -144,7 +145,9 @@ class BackpropTrainer(DiffusionTrainer):
             x0_hat, x_t, out = denoise_in_one_step(loop.adapter, loop.unet, x0, noise, t, part.embeds,
                                                    loop.adapter.scheduler_config)
             penalty = on_step(t, x_t, out) if on_step is not None else x0.new_zeros(())
-            return loop.adapter.decode(x0_hat), penalty
+            decode = loop.adapter.decode
+            pixels = checkpoint(decode, x0_hat, use_reentrant=False) if cfg.decoder_checkpointing else decode(x0_hat)
+            return pixels, penalty
         if cfg.method == "alignprop":
             kept = torch.randint(1, cfg.grad_steps + 1, (len(part),), generator=generator)
         else:

@@ -67,20 +67,25 @@ class BackpropConfig(DiffusionConfig):
         return self
 
 
-def refuse_non_differentiable(specs: RewardSpecs) -> None:
-    """Raise naming the first reward of ``specs`` whose class says it has no pixel gradients (a class that decides
-    per instance, like an ensemble, is checked once built)."""
-    for spec in specs:
-        for item in spec if isinstance(spec, list) else [spec]:
-            name = item if isinstance(item, str) else item.get("name")
-            if not isinstance(name, str):
-                continue
-            differentiable = getattr(resolve(name), "differentiable", True)
-            if differentiable is False:
-                raise ValueError(
-                    f"reward: {name!r} is not differentiable in the pixels, so it cannot be back-propagated; "
-                    "train it with a black-box method (task prdp, ddpo or diffusion_grpo)"
-                )
+def refuse_non_differentiable(specs) -> None:
+    """Raise naming the first reward of ``specs`` that has no pixel gradients. A spec that wraps others (an
+    ensemble's ``members``, a wrapper's ``reward``) is as differentiable as they are; the built reward is checked
+    again in ``setup``."""
+    for spec in specs if isinstance(specs, list) else [specs]:
+        if isinstance(spec, list):
+            refuse_non_differentiable(spec)
+            continue
+        spec = {"name": spec} if isinstance(spec, str) else spec
+        nested = spec.get("members", spec.get("reward")) if isinstance(spec, dict) else None
+        if nested is not None and not isinstance(nested, (int, float)):
+            refuse_non_differentiable(nested)
+            continue
+        name = spec.get("name") if isinstance(spec, dict) else None
+        if isinstance(name, str) and getattr(resolve(name), "differentiable", True) is False:
+            raise ValueError(
+                f"reward: {name!r} is not differentiable in the pixels, so it cannot be back-propagated; "
+                "train it with a black-box method (task prdp, ddpo or diffusion_grpo)"
+            )
 
 
 class BackpropTrainer(DiffusionTrainer):

@@ -109,10 +109,17 @@ def test_ground_truth_noise_prior_recovers_x0_from_the_true_noise(tiny_sd_factor
     torch.testing.assert_close(x0_hat, x0)
 
 
-@pytest.mark.parametrize("reward", ["jpeg_compressibility", "gold"])
+@pytest.mark.parametrize("reward", ["jpeg_compressibility", "gold",
+                                    {"name": "ensemble", "members": ["brightness", "jpeg_compressibility"]}])
 def test_a_black_box_reward_is_refused_when_the_recipe_is_validated(reward):
-    with pytest.raises(ValueError, match=f"{reward}.*not differentiable.*prdp"):
+    with pytest.raises(ValueError, match="'(jpeg_compressibility|gold)'.*not differentiable.*prdp"):
         BackpropConfig.model_validate({**config("/tmp/unused", 1, "backprop").model_dump(), "reward": [reward]})
+
+
+def test_an_ensemble_of_differentiable_rewards_is_accepted():
+    spec = {"name": "ensemble", "members": ["brightness", {"name": "brightness"}], "mode": "uwo"}
+    cfg = BackpropConfig.model_validate({**config("/tmp/unused", 1, "backprop").model_dump(), "reward": [spec]})
+    assert cfg.reward == [spec]
 
 
 def test_a_few_epochs_train_log_and_export(tmp_path, tiny_sd_factory):

@@ -192,17 +192,23 @@ def eval_panels(rows: Sequence[Mapping[str, Any]]) -> list:
 def save_grids(
     before: GeneratorEval, after: GeneratorEval, path: str | Path, label_key: str | None = None, limit: int = 8
 ) -> Path:
-    """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image."""
+    """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image:
+    the first sample of each of the first ``limit`` prompts (``metadata["group"]``), or the first ``limit``
+    samples when the samples carry no group."""
     from mmalign.eval.grid import image_grid
 
-    n = min(limit, len(before.batch))
-    images = torch.cat([before.batch.pixels[:n], after.batch.pixels[:n]])
+    first_of_group: dict[object, int] = {}
+    for i, meta in enumerate(before.batch.metadata):
+        first_of_group.setdefault(meta.get("group", i), i)
+    picked = list(first_of_group.values())[:limit]
+    index = torch.tensor(picked, dtype=torch.long)
+    images = torch.cat([before.batch.pixels[index], after.batch.pixels[index]])
     labels = []
     for tag, run in (("before", before), ("after", after)):
-        for i in range(n):
+        for i in picked:
             score = f"\n{label_key} {float(run.scores[label_key][i]):.2f}" if label_key in run.scores else ""
             labels.append(f"{tag}: {run.batch.prompts[i]}{score}")
-    image_grid(images, labels, columns=n).save(path)
+    image_grid(images, labels, columns=len(picked)).save(path)
     return Path(path)
 
 
@@ -220,7 +226,7 @@ def write_report(
     ``before`` and ``after`` score the same prompts with the same seeds (or the same questions), so
     ``paired_change`` gives the mean and 95% CI of the per-sample differences: far narrower than the two
     separate intervals, and the one to read when asking whether training moved a score. The grid shows the
-    first ``limit`` samples (none for 0); the curves run against ``x`` (``epoch`` or ``step``).
+    first sample of each of the first ``limit`` prompts (none for 0); the curves run against ``x`` (``epoch`` or ``step``).
 
     When both carry per-prompt diversity (``GeneratorEval.add_diversity``), its columns join ``before``,
     ``after``, ``change`` and ``paired_change`` (paired over prompts; ``n`` counts prompts), the per-prompt

@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mmalign.eval.grid import image_grid, label_font
-from mmalign.eval.report import X_LABELS, plot_curves, read_metrics, smooth
+from mmalign.eval.report import X_LABELS, plot_curves, read_metrics, save_grids, smooth
 
 
 def test_smooth_is_the_debiased_moving_average():
@@ -53,3 +53,27 @@ def test_labels_render_without_missing_glyph_boxes():
     assert lines == ["What colour is the shape?", "Answer with one word. (→ ×2, é ≥ 1)"]
     assert all(_missing_glyphs(line, font) == [] for line in lines)
     assert image_grid(torch.rand(1, 3, 8, 8), [question], columns=1).size[1] > 8 * 4
+
+
+def test_the_grid_shows_one_sample_of_each_prompt(tmp_path, monkeypatch):
+    """Three prompts × two samples, limit 2: the first sample of prompts 0 and 1, before above after."""
+    import mmalign.eval.grid
+    from mmalign.eval.generator import GeneratorEval
+    from mmalign.media import MediaBatch
+
+    shown = {}
+
+    def capture(images, labels, columns):
+        shown.update(images=images, labels=labels, columns=columns)
+        return image_grid(images, labels, columns)
+
+    monkeypatch.setattr(mmalign.eval.grid, "image_grid", capture)
+    pixels = torch.arange(6, dtype=torch.float32).view(6, 1, 1, 1).expand(6, 3, 8, 8) / 10
+    meta = [{"group": g} for g in (0, 0, 1, 1, 2, 2)]
+    prompts = [f"prompt {g}" for g in (0, 0, 1, 1, 2, 2)]
+    before = GeneratorEval(MediaBatch(pixels, prompts, meta), {})
+    after = GeneratorEval(MediaBatch(1 - pixels, prompts, meta), {})
+    assert save_grids(before, after, tmp_path / "grid.png", limit=2).is_file()
+    assert shown["columns"] == 2
+    torch.testing.assert_close(shown["images"][:, 0, 0, 0], torch.tensor([0.0, 0.2, 1.0, 0.8]))
+    assert shown["labels"] == ["before: prompt 0", "before: prompt 1", "after: prompt 0", "after: prompt 1"]

@@ -35,18 +35,10 @@ def test_config_and_task_table():
 
 
 def test_refuses_a_reward_that_is_not_clip_type(tmp_path, tiny_sd_factory):
-    from mmalign.rewards import Reward, RewardOutput, register
+    import diffusion_run  # noqa: F401  (registers the differentiable "brightness" reward)
 
-    class Bright(Reward):
-        name = "bright_d2"
-        differentiable = True
-
-        def forward(self, batch):
-            return RewardOutput(batch.pixels.flatten(1).mean(1))
-
-    register("bright_d2", Bright)
-    cfg = d2_config(tmp_path / "run", tmp_path).model_copy(update={"reward": ["bright_d2"]})
-    with pytest.raises(ValueError, match="'bright_d2'"):
+    cfg = d2_config(tmp_path / "run", tmp_path).model_copy(update={"reward": ["brightness"]})
+    with pytest.raises(ValueError, match="'brightness'"):
         D2AlignTrainer(cfg, pipeline=tiny_sd_factory(seed=0), progress=False).setup()
     assert not (tmp_path / "run" / CORRECTION_FILE).exists()
 

@@ -375,17 +375,20 @@ class DiffusionLoop:
         return row
 
     def _eval_diversity(self, evaluation) -> dict[str, float]:
-        """``eval/diversity/…``: the means over prompts of ``mmalign.eval.diversity``'s per-prompt metrics, the
-        embedding ones (Vendi, pairwise distance) with the trained reward's image encoder where it has one
-        (CLIP-family rewards)."""
-        from mmalign.eval.diversity import diversity_scores, image_encoder
+        """``eval/diversity/…``: the means over prompts of the per-prompt diversity metrics, the embedding ones
+        (Vendi, pairwise distance) with the trained reward's image encoder where it has one."""
+        encoder, _ = self._trained_reward_encoder()
+        columns = evaluation.add_diversity(encoder).diversity
+        return {f"eval/{key}": float(values[torch.isfinite(values)].mean()) for key, values in columns.items()}
+
+    def _trained_reward_encoder(self):
+        """``(encoder, None)`` from the trained reward's image tower (CLIP-family rewards), or ``(None, why)``."""
+        from mmalign.eval.diversity import image_encoder
 
         try:
-            encoder = image_encoder(self.reward)
-        except ValueError:  # no image tower (e.g. a pixel rule): pixel metrics only
-            encoder = None
-        columns = diversity_scores(evaluation.batch, encoder=encoder)
-        return {f"eval/{key}": float(values[torch.isfinite(values)].mean()) for key, values in columns.items()}
+            return image_encoder(self.reward), None
+        except ValueError as err:  # no image tower (e.g. a pixel rule): pixel metrics only
+            return None, err
 
     # -------------------------------------------------------------------------------------- bookkeeping
     def save_checkpoint(self, epoch: int) -> None:
@@ -452,19 +455,18 @@ class DiffusionLoop:
     def _diversity_encoder(self):
         """The report's diversity encoder and what it is: ``report.diversity_encoder``'s image encoder (an error
         if it has none), else the trained reward's, else None (pixel metrics only) with a printed note."""
-        from mmalign.eval.diversity import image_encoder
-
         spec = self.config.report.diversity_encoder
         if spec is not None:
+            from mmalign.eval.diversity import image_encoder
             from mmalign.rewards import build
 
             return image_encoder(build(spec).to(self.run.device)), spec
-        try:
-            return image_encoder(self.reward), "reward"
-        except ValueError as err:
-            print(f"report: no embedding diversity (Vendi, pairwise distance): {err}; set "
+        encoder, why = self._trained_reward_encoder()
+        if encoder is None:
+            print(f"report: no embedding diversity (Vendi, pairwise distance): {why}; set "
                   "report.diversity_encoder to a CLIP-type reward for them")
             return None, None
+        return encoder, "reward"
 
     def export(self) -> Path:
         """The trained weights for plain diffusers: LoRA (``pipe.load_lora_weights``) or the whole pipeline."""

@@ -8,13 +8,25 @@ from mmalign.media import MediaBatch
 from mmalign.rewards.backbones import Backend, CLIPBackbone, load_backbone
 from mmalign.rewards.base import Reward, RewardOutput
 
-__all__ = ["CLIPScore", "CLIPFamilyReward", "frame_cosines"]
+__all__ = ["CLIPScore", "CLIPFamilyReward", "embedding_cosines", "frame_cosines", "frame_embeddings"]
+
+
+def frame_embeddings(backbone: CLIPBackbone, batch: MediaBatch) -> torch.Tensor:
+    """``(B, T, D)`` unit image embeddings of each sample's frames (T = 1 for images)."""
+    return backbone.encode_image(batch.flat_frames()).view(len(batch), batch.frames_per_sample, -1)
+
+
+def embedding_cosines(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` cosines of unit image embeddings ``(B, D)`` or ``(B, T, D)`` (mean over frames) with the rows of
+    ``text`` ``(B, D)``."""
+    if image.ndim == 2:
+        image = image[:, None]
+    return (image * text.to(image)[:, None]).sum(-1).mean(1)
 
 
 def frame_cosines(backbone: CLIPBackbone, batch: MediaBatch, text: torch.Tensor) -> torch.Tensor:
     """``(B,)`` cosine of each sample's image (videos: mean over frames) with its row of ``text`` ``(B, D)``."""
-    image = backbone.encode_image(batch.flat_frames()).view(len(batch), batch.frames_per_sample, -1)
-    return (image * text.to(image.device)[:, None]).sum(-1).mean(1)
+    return embedding_cosines(frame_embeddings(backbone, batch), text)
 
 
 class CLIPFamilyReward(Reward):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
-from mmalign.rewards.clip import CLIPFamilyReward
+from mmalign.rewards.clip import CLIPFamilyReward, embedding_cosines, frame_embeddings
 
 __all__ = [
     "CORRECTION_KEY",
@@ -65,16 +65,8 @@ def shifted_embedding(text: torch.Tensor, correction: torch.Tensor) -> torch.Ten
 
 def guided_embedding(text: torch.Tensor, correction: torch.Tensor, omega: float) -> torch.Tensor:
     """``ẽ = normalize(e₋ + ω·(e₊ − e₋))`` with ``e± = normalize(e ± b)``, for each row ``e`` of ``text``."""
-    plus = F.normalize(text + correction, dim=-1)
-    minus = F.normalize(text - correction, dim=-1)
+    plus, minus = shifted_embedding(text, correction), shifted_embedding(text, -correction)
     return F.normalize(minus + omega * (plus - minus), dim=-1)
-
-
-def _frame_cosines(image: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-    """``(N,)`` cosines of unit image embeddings ``(N, D)`` or ``(N, T, D)`` (mean over frames) with ``text``."""
-    if image.ndim == 2:
-        image = image[:, None]
-    return (image * text.to(image)[:, None]).sum(-1).mean(1)
 
 
 # ------------------------------------------------------------------------------------------------ the reward
@@ -194,9 +186,9 @@ class DirectionCorrected(Reward):
         b = self.correction.to(text.device, text.dtype)
         # b = 0 is the identity; skipping it keeps that exact (renormalising a unit vector can move the last bit)
         guided = guided_embedding(text, b, self.omega) if bool(b.any()) else text
-        image = backbone.encode_image(batch.flat_frames()).view(len(batch), batch.frames_per_sample, -1)
-        corrected = _frame_cosines(image, guided.to(image.device)).float()
-        plain = _frame_cosines(image.detach(), text.to(image.device)).float()
+        image = frame_embeddings(backbone, batch)
+        corrected = embedding_cosines(image, guided).float()
+        plain = embedding_cosines(image.detach(), text).float()
         info = {"omega": self.omega, "correction_norm": float(b.norm())}
         scores = cosine_to_score(self.reward)(corrected, batch)
         return RewardOutput(scores, {"corrected_cosine": corrected, "cosine": plain}, info=info)
@@ -256,7 +248,7 @@ def correction_objective(image: torch.Tensor, text: torch.Tensor, correction: to
     ``image``: unit image embeddings ``(N, D)`` or ``(N, T, D)`` (videos: mean over frames); ``text``: each
     sample's unit prompt embedding ``(N, D)``; ``correction``: ``b`` ``(D,)``.
     """
-    return _frame_cosines(image, shifted_embedding(text.to(image), correction.to(image))).mean()
+    return embedding_cosines(image, shifted_embedding(text.to(image), correction.to(image))).mean()
 
 
 def learn_correction(

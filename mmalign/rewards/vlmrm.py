@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from mmalign.media import MediaBatch
 from mmalign.rewards.backbones import Backend, load_backbone
 from mmalign.rewards.base import RewardOutput
-from mmalign.rewards.clip import CLIPFamilyReward
+from mmalign.rewards.clip import CLIPFamilyReward, frame_embeddings
 
 __all__ = ["GoalBaselineReward"]
 
@@ -55,7 +55,7 @@ class GoalBaselineReward(CLIPFamilyReward):
         return F.normalize(self.backbone.encode_text(prompts).mean(0), dim=-1)
 
     def forward(self, batch: MediaBatch) -> RewardOutput:
-        image = self.backbone.encode_image(batch.flat_frames()).view(len(batch), batch.frames_per_sample, -1)
+        image = frame_embeddings(self.backbone, batch)
         baseline = self._mean_embedding(self.baseline)
         if self.goal is None:
             goal = self.backbone.encode_text(batch.prompts)

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from mmalign.models.rollout import sample_trajectories
+from mmalign.rewards.clip import frame_embeddings
 from mmalign.rewards.direction import (
     DirectionCorrected,
     learn_correction,
@@ -131,7 +132,7 @@ class D2AlignTrainer(BackpropTrainer):
             with acc.autocast(), reference_policy(loop.raw_unet, loop.ref_copy) as base:
                 trajectory = sample_trajectories(loop.adapter, loop.policy, prompts, metadata, generator, unet=base)
             media = trajectory.media()
-            image = backbone.encode_image(media.flat_frames()).view(len(media), media.frames_per_sample, -1)
+            image = frame_embeddings(backbone, media)
             images.append(image.float())
             texts.append(backbone.encode_text(media.prompts).float().to(image.device))
         return acc.gather(torch.cat(images)), acc.gather(torch.cat(texts))

@@ -16,6 +16,7 @@ LAYERS = [
     {"rewards"},
     {"models"},
     {"eval"},
+    {"inference"},
     {"trainers"},
     {"world"},
     {"cli", "__main__"},

@@ -76,14 +76,15 @@ class DDIMPolicy:
         scheduler_config: any diffusers scheduler config with ``num_train_timesteps`` and betas; it is read
             through ``DDIMScheduler.from_config`` so ``timestep_spacing``/``steps_offset`` mean what they do there.
         num_steps: sampling steps.
-        eta: DDIM's η; must be > 0 for the steps to have a density.
+        eta: DDIM's η; > 0 for the steps to have a density (a policy), 0 for deterministic DDIM (the sampler
+            of noise optimisation and of evaluation at the ODE limit), whose steps have no log-prob (NaN).
     """
 
     def __init__(self, scheduler_config, num_steps: int, eta: float = 1.0) -> None:
         from diffusers import DDIMScheduler
 
-        if not eta > 0:
-            raise ValueError(f"eta: expected η > 0 so every step is stochastic and has a log-prob, got {eta!r}")
+        if not eta >= 0:
+            raise ValueError(f"eta: expected η ≥ 0 (> 0 for a stochastic policy with log-probs), got {eta!r}")
         if num_steps < 1:
             raise ValueError(f"num_steps: expected at least 1, got {num_steps!r}")
         self.scheduler = DDIMScheduler.from_config(scheduler_config)
@@ -99,11 +100,16 @@ class DDIMPolicy:
         self._alpha = [float(alphas[t]) for t in self.timesteps]
         self._alpha_prev = [float(alphas[t - stride]) if t - stride >= 0 else final for t in self.timesteps]
         self.stds = [self._std(i) for i in range(num_steps)]
-        if min(self.stds) <= 0:
+        if self.stochastic and min(self.stds) <= 0:
             raise ValueError(
                 "scheduler_config: the last DDIM step is deterministic (set_alpha_to_one=True gives ᾱ_prev = 1); "
                 "set set_alpha_to_one=False, as Stable Diffusion's scheduler does, so every step has a density"
             )
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether the steps sample (η > 0) and so have log-probs; deterministic DDIM's are NaN."""
+        return self.eta > 0
 
     def _std(self, index: int) -> float:
         a, a_prev = self._alpha[index], self._alpha_prev[index]
@@ -130,9 +136,15 @@ class DDIMPolicy:
         x0, eps = self.predictions(model_output, sample, index)
         a_prev, std = self._alpha_prev[index], self.stds[index]
         mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
-        if prev_sample is None:
+        if prev_sample is None and std == 0:
+            prev_sample = mean
+        elif prev_sample is None:
             device = generator.device if generator is not None else mean.device
             noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
             prev_sample = mean + std * noise
         prev_sample = prev_sample.to(mean.dtype)
-        return StepOutput(prev_sample, gaussian_log_prob(prev_sample.detach(), mean, std), mean, std)
+        if std == 0:  # deterministic DDIM: a point mass, no density
+            log_prob = torch.full((len(mean),), float("nan"), dtype=torch.float64, device=mean.device)
+        else:
+            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
+        return StepOutput(prev_sample, log_prob, mean, std)

@@ -51,6 +51,8 @@ class Ensemble(Reward):
     running moments, merged per batch as in Chan et al.); a float ``m`` keeps an exponential average
     ``μ ← (1−m)·μ + m·μ_batch`` (same for σ²) that follows a drifting policy. The statistics are buffers: they
     travel in ``state_dict`` so a resumed run standardises as before, and no gradient flows through them.
+    ``hold_statistics()`` stops the updates (the statistics then standardise every batch alike, so a sample's
+    score no longer depends on the rest of its batch: what noise optimisation, prompt by prompt, needs).
 
     ``var`` is the population variance across members (not the std), ``uncertainty`` the population std, both
     on the standardised scale. Components: each member's raw scores under its name, standardised ones under
@@ -92,6 +94,12 @@ class Ensemble(Reward):
         self.register_buffer("count", torch.zeros(n))
         self.register_buffer("running_mean", torch.zeros(n))
         self.register_buffer("running_var", torch.ones(n))
+        self.statistics_held = False
+
+    def hold_statistics(self, held: bool = True) -> Ensemble:
+        """Stop (or resume) updating the running statistics from the batches scored; returns self."""
+        self.statistics_held = bool(held)
+        return self
 
     @torch.no_grad()
     def update_statistics(self, raw: torch.Tensor) -> None:
@@ -122,7 +130,8 @@ class Ensemble(Reward):
         finite = torch.isfinite(raw).all(0)
         z = raw
         if self.standardize:
-            self.update_statistics(raw.detach())
+            if not self.statistics_held:
+                self.update_statistics(raw.detach())
             mean = self.running_mean.to(raw)[:, None]
             std = self.running_var.sqrt().clamp_min(_MIN_STD).to(raw)[:, None]
             z = (raw - mean) / std

@@ -43,9 +43,27 @@ def test_rescoring_reproduces_the_sampled_log_prob_and_std_formula():
     assert sampled.std == pytest.approx(0.7 * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev)))
 
 
+@pytest.mark.parametrize("timestep_spacing, steps", [("leading", 4), ("trailing", 1)])
+def test_deterministic_steps_match_diffusers_ddim(timestep_spacing, steps):
+    """η = 0 (also one step from t = 999, as one-step generators sample): diffusers' DDIM step, no noise drawn,
+    no log-prob (NaN), and a final ᾱ_prev of 1 allowed."""
+    config = {**CONFIG, "timestep_spacing": timestep_spacing, "set_alpha_to_one": True}
+    policy = DDIMPolicy(config, num_steps=steps, eta=0.0)
+    reference = DDIMScheduler.from_config(config)
+    reference.set_timesteps(steps)
+    assert not policy.stochastic and torch.equal(policy.timesteps, reference.timesteps)
+    x, out = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
+    generator = torch.Generator().manual_seed(0)
+    for index, t in enumerate(policy.timesteps):
+        step = policy.step(out, x, index, generator=generator)
+        torch.testing.assert_close(step.prev_sample, reference.step(out, t, x, eta=0.0).prev_sample)
+        assert step.log_prob.isnan().all()
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+
+
 def test_invalid_settings():
-    with pytest.raises(ValueError, match="eta: expected η > 0"):
-        DDIMPolicy(CONFIG, 5, eta=0.0)
+    with pytest.raises(ValueError, match="eta: expected η ≥ 0"):
+        DDIMPolicy(CONFIG, 5, eta=-0.1)
     with pytest.raises(ValueError, match="set_alpha_to_one=False"):
         DDIMPolicy({**CONFIG, "set_alpha_to_one": True}, 5)
     with pytest.raises(ValueError, match="num_steps"):

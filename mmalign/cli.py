@@ -100,7 +100,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         for name in summary["before"]:
             b, a = summary["before"][name], summary["after"][name]
             d = summary.get("paired_change", {}).get(name)
-            change = f"  change {d['mean']:+.4f} [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}]" if d else ""
+            change = f"  change {_interval(d)}" if d else ""
             print(f"{name:>{width}}: {b['mean']:.4f} [{b['ci_low']:.4f}, {b['ci_high']:.4f}] -> "
                   f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]{change}  (n={a['n']})")
         if summary.get("diversity_ratio") is not None:
@@ -110,6 +110,38 @@ def _cmd_train(args: argparse.Namespace) -> int:
         if (Path(trainer.run_dir) / name).is_file():
             print(f"{name:>14}: {Path(trainer.run_dir) / name}")
     return 0
+
+
+def _cmd_optimize(args: argparse.Namespace) -> int:
+    from mmalign.config import load_recipe
+    from mmalign.inference.run import ReNORecipe, run_reno
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not isinstance(recipe, ReNORecipe):
+        raise ValueError(f"recipe task: {recipe.task!r} is not noise optimisation (task: reno); "
+                         f"`mmalign train` or `mmalign score` runs it")
+    summary = run_reno(recipe, progress=not args.quiet)
+    print(f"{summary['prompts']} prompts × {summary['iterations']} reward calls, "
+          f"{summary['seconds_per_prompt']:.2f} s per prompt")
+    width = max(map(len, summary["rewards"]))
+    for name, table in summary["rewards"].items():
+        change = summary["paired_change"][name]
+        line = f"{name:>{width}}: {table['initial']['mean']:.4f} -> ReNO {table['reno']['mean']:.4f}"
+        line += f" (change {_interval(change['reno'])}, rose for {summary['fraction_rose'][name]:.0%} of prompts)"
+        if "best_of_n" in table:
+            line += f" | best-of-N {table['best_of_n']['mean']:.4f} (ReNO − best-of-N {_interval(change['reno_minus_best_of_n'])})"
+        print(line)
+    for row in summary["stopped"]:
+        print(f"stopped early: {row['prompt']!r}: {row['reason']}")
+    print(f"run folder: {recipe.output_dir}")
+    for name in ("summary.json", "grid.png", "traces.png", "noise.safetensors"):
+        if (Path(recipe.output_dir) / name).is_file():
+            print(f"{name:>17}: {Path(recipe.output_dir) / name}")
+    return 0
+
+
+def _interval(stats: dict) -> str:
+    return f"{stats['mean']:+.4f} [{stats['ci_low']:+.4f}, {stats['ci_high']:+.4f}]"
 
 
 def _cmd_bench_rewards(args: argparse.Namespace) -> int:
@@ -275,6 +307,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_cmd_train)
+
+    optimize = sub.add_parser(
+        "optimize", help="optimise samples' initial noise against rewards (ReNO), beside best-of-N",
+        description="Run a noise-optimisation recipe (task: reno); key=value overrides any field. Writes the "
+        "initial / ReNO / best-of-N grid, the traces plot, the noises and summary.json into the run folder.",
+    )
+    optimize.add_argument("recipe", help="shipped recipe name (e.g. shapes-reno) or YAML file")
+    optimize.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    optimize.add_argument("--quiet", action="store_true", help="no progress bars")
+    optimize.set_defaults(func=_cmd_optimize)
 
     bench = sub.add_parser("bench", help="benchmarks: figures with the ratio to a reference measured in the same run")
     benches = bench.add_subparsers(dest="what", metavar="WHAT", required=True)

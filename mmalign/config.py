@@ -45,6 +45,7 @@ class Task(NamedTuple):
 #: task name → its schema and trainer, as import paths: a module is imported only when its recipe is used.
 TASKS: dict[str, Task] = {
     "score": Task("mmalign.eval.scoring:ScoreRecipe"),
+    "reno": Task("mmalign.inference.run:ReNORecipe"),
     "prdp": Task("mmalign.trainers.prdp:PRDPConfig", "mmalign.trainers.prdp:PRDPTrainer"),
     "backprop": Task("mmalign.trainers.backprop:BackpropConfig", "mmalign.trainers.backprop:BackpropTrainer"),
     "ddpo": Task("mmalign.trainers.ddpo:DDPOConfig", "mmalign.trainers.ddpo:DDPOTrainer"),

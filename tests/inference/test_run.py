@@ -1,0 +1,70 @@
+"""`mmalign optimize` on the shipped world: the run folder, best-of-N at equal reward calls, ensembles held."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmalign.cli import main
+from mmalign.config import load_recipe
+from mmalign.inference.report import returned_so_far
+from mmalign.inference.run import draw_seed, run_reno
+
+SMALL = ["prompts.n=3", "iterations=3", "batch_size=2", "num_steps=2", "grid_prompts=3"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reno")
+    recipe = load_recipe("shapes-reno", [*SMALL, f"output_dir={out}"])
+    return out, run_reno(recipe, progress=False)
+
+
+def test_run_folder_and_summary(run):
+    out, summary = run
+    for name in ("summary.json", "grid.png", "traces.png", "noise.safetensors", "config.json", "images/0002_reno.png"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "summary.json").read_text()) == summary
+    assert set(summary["rewards"]) == {"reward", "gold", "proxy"}
+    assert summary["prompts"] == 3 and summary["iterations"] == 3 and len(summary["per_prompt"]) == 3
+    for row in summary["per_prompt"]:
+        assert row["reward/reno"] >= row["reward/initial"]
+        assert row["reward/best_of_n"] >= row["reward/initial"] - 1e-5  # draw 0 is ReNO's initial noise
+    noise = load_file(out / "noise.safetensors")
+    assert noise["initial"].shape == noise["best"].shape == (3, 12, 16, 16)
+
+
+def test_initial_noise_does_not_depend_on_the_batch_layout(run, tmp_path):
+    """The same prompts in batches of 1: the same initial noise (seeded per prompt) and initial reward."""
+    out, summary = run
+    recipe = load_recipe("shapes-reno", [*SMALL, "batch_size=1", "iterations=1", "best_of_n=false",
+                                         "report_rewards=[]", f"output_dir={tmp_path}"])
+    alone = run_reno(recipe, progress=False)
+    assert torch.equal(load_file(tmp_path / "noise.safetensors")["initial"], load_file(out / "noise.safetensors")["initial"])
+    for a, b in zip(alone["per_prompt"], summary["per_prompt"]):
+        assert a["reward/initial"] == pytest.approx(b["reward/initial"], abs=1e-5)
+    assert len({draw_seed(0, i, j) for i in range(4) for j in range(4)}) == 16
+
+
+def test_an_ensemble_is_calibrated_then_held(tmp_path):
+    reward = ('reward=[{name: ensemble, mode: uwo, lam: 0.5, members: [{name: proxy, scale: 1.0}, '
+              '{name: preference_proxy, scale: 1.0}]}]')
+    recipe = load_recipe("shapes-reno", [*SMALL, reward, "calibration_samples=8", "report_rewards=[]",
+                                         f"output_dir={tmp_path}"])
+    summary = run_reno(recipe, progress=False)
+    assert summary["rewards"]["reward"]["reno"]["mean"] >= summary["rewards"]["reward"]["initial"]["mean"]
+
+
+def test_returned_so_far_follows_the_best_by_reward():
+    reward = torch.tensor([[1.0, 5.0], [3.0, float("nan")], [2.0, 6.0]])
+    gold = torch.tensor([[0.1, 0.5], [0.3, 0.9], [0.2, 0.6]])
+    torch.testing.assert_close(returned_so_far(reward, gold), torch.tensor([[0.1, 0.5], [0.3, 0.5], [0.3, 0.6]]))
+
+
+def test_cli_prints_the_table_and_refuses_other_tasks(tmp_path, capsys):
+    assert main(["optimize", "shapes-reno", *SMALL, "report_rewards=[gold]", f"output_dir={tmp_path}", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "gold:" in printed and "best-of-N" in printed and "grid.png" in printed
+    assert main(["optimize", "shapes-backprop"]) == 2
+    assert "not noise optimisation" in capsys.readouterr().err

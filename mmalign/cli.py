@@ -352,6 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--steps", type=int, default=10, help="DDIM steps of the trajectories")
     train_bench.add_argument("--device", default="cpu")
     train_bench.set_defaults(func=_cmd_bench_train)
+    from mmalign.inference import bench as optimize_bench_module
+
+    optimize_bench = benches.add_parser(
+        "optimize", help="ReNO prompts/s: batched vs one prompt at a time",
+        description=optimize_bench_module.__doc__.split("\n\n")[0],
+    )
+    optimize_bench_module.add_arguments(optimize_bench)
+    optimize_bench.set_defaults(func=optimize_bench_module.run)
     from mmalign.kernels import bench as attention_bench_module
 
     attention_bench = benches.add_parser(

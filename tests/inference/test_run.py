@@ -68,3 +68,9 @@ def test_cli_prints_the_table_and_refuses_other_tasks(tmp_path, capsys):
     assert "gold:" in printed and "best-of-N" in printed and "grid.png" in printed
     assert main(["optimize", "shapes-backprop"]) == 2
     assert "not noise optimisation" in capsys.readouterr().err
+
+
+def test_bench_prints_both_modes_and_the_ratio(capsys):
+    assert main(["bench", "optimize", "--prompts", "2", "--iterations", "2", "--steps", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "one prompt at a time" in printed and "batched / loop" in printed

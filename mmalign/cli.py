@@ -40,6 +40,7 @@ def _cmd_score(args: argparse.Namespace) -> int:
         "size": args.size,
         "device": args.device,
         "out": args.out,
+        "on_error": "skip" if args.skip_unreadable else None,
     }
     flags = {k: v for k, v in flags.items() if v is not None}
     if recipe_name:
@@ -261,7 +262,7 @@ def _parse_reward(text: str) -> str | dict:
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
-            raise SystemExit(f"--reward: expected a reward name or a JSON object, got {text!r} ({err})") from err
+            raise ValueError(f"--reward: expected a reward name or a JSON object, got {text!r} ({err})") from None
     return text
 
 
@@ -291,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--size", type=int, help="resize images to a square of this size")
     score.add_argument("--device")
     score.add_argument("--out", help="output .csv or .json")
+    score.add_argument("--skip-unreadable", action="store_true",
+                       help="leave out files that are not readable images, with a warning naming them (default: stop)")
     score.add_argument("--quiet", action="store_true", help="no progress bar")
     score.set_defaults(func=_cmd_score)
 

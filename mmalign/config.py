@@ -100,6 +100,8 @@ def list_recipes() -> dict[str, str]:
 
 def find_recipe(name_or_path: str | Path) -> Path:
     """A recipe file from a path or a shipped recipe's name."""
+    if not isinstance(name_or_path, (str, Path)):
+        raise TypeError(f"recipe: expected a shipped recipe's name or a YAML file, got {type(name_or_path).__name__}")
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") and path.is_file():
         return path
@@ -116,37 +118,50 @@ def find_recipe(name_or_path: str | Path) -> Path:
 
 def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
     """``["a.b=1", "c=[x, y]"]`` → ``{"a": {"b": 1}, "c": ["x", "y"]}``; values are parsed as YAML."""
+    if isinstance(items, str):
+        raise TypeError(f"overrides: expected a list of 'key=value' strings, got the string {items!r}")
     out: dict[str, Any] = {}
     for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key, sep, raw = item.partition("=") if isinstance(item, str) else ("", "", "")
+        parts = key.strip().split(".")
+        if not sep or not all(part.strip() for part in parts):
             raise RecipeError(f"override: expected key=value (e.g. batch_size=8), got {item!r}")
         node = out
-        parts = key.strip().split(".")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise RecipeError(f"override: {key!r} sets inside a key that another override gives a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise RecipeError(f"override {key.strip()}: expected a YAML value, got {raw!r} ({problem})") from None
     return out
 
 
 def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> Any:
     """Merge nested overrides into recipe data; a numeric key indexes a list (``rewards.0.weight=2``)."""
+    return _merge(data, overrides, ())
+
+
+def _merge(data: Any, overrides: Mapping[str, Any], at: tuple[str, ...]) -> Any:
     if not overrides:
         return data
     if isinstance(data, list):
         data = list(data)
         for key, value in overrides.items():
             if not str(key).isdigit() or int(key) >= len(data):
-                raise RecipeError(f"override: index {key!r} is not valid for a list of {len(data)} items")
+                where = ".".join((*at, str(key)))
+                raise RecipeError(f"override {where}: index {key!r} is not valid for a list of {len(data)} items "
+                                  f"(give {'.'.join(at)}.0 … {'.'.join(at)}.{len(data) - 1}, or a whole list)")
             index = int(key)
-            data[index] = apply_overrides(data[index], value) if isinstance(value, Mapping) else value
+            data[index] = _merge(data[index], value, (*at, str(key))) if isinstance(value, Mapping) else value
         return data
     data = dict(data) if isinstance(data, Mapping) else {}
     for key, value in overrides.items():
         current = data.get(key)
-        data[key] = apply_overrides(current, value) if isinstance(value, Mapping) and current is not None else value
+        merge = isinstance(value, Mapping) and current is not None
+        data[key] = _merge(current, value, (*at, str(key))) if merge else value
     return data
 
 
@@ -179,6 +194,8 @@ def validate_recipe(data: Mapping[str, Any], schema: type[Recipe] | None = None,
         return schema.model_validate(dict(data))
     except ValidationError as err:
         lines = [_describe(schema, e) for e in err.errors()]
+        if len(lines) == 1:
+            raise RecipeError(f"{source}: {lines[0]}") from None
         raise RecipeError(f"{source}: {len(lines)} problem(s):\n" + "\n".join(f"  - {x}" for x in lines)) from None
 
 
@@ -190,6 +207,8 @@ def _describe(schema: type[BaseModel], error: Mapping[str, Any]) -> str:
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
         return f"{where}: unknown key; {hint}"
+    if error["type"] == "value_error":  # a validator's own message, which says what came
+        return f"{where}: {error['ctx']['error']}"
     return f"{where}: {error['msg']} (got {error.get('input')!r})"
 
 

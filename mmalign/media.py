@@ -8,6 +8,7 @@ they receive and a bad input fails where it enters rather than deep inside a mod
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["MediaBatch", "IMAGE_SUFFIXES"]
+__all__ = ["MediaBatch", "IMAGE_SUFFIXES", "open_image"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CHANNELS = (1, 3)
@@ -51,6 +52,8 @@ class MediaBatch:
             )
         if pixels.shape[0] == 0:
             raise ValueError("pixels: expected a non-empty batch, got batch size 0")
+        if pixels.numel() == 0:
+            raise ValueError(f"pixels: expected non-empty samples, got shape {tuple(pixels.shape)}")
         channels = pixels.shape[-3]
         if channels not in _CHANNELS:
             raise ValueError(
@@ -85,6 +88,10 @@ class MediaBatch:
         if not all(isinstance(m, Mapping) for m in metadata):
             raise TypeError("metadata: expected a dict per sample")
         if self.completions is not None:
+            if not isinstance(self.completions, Sequence):
+                raise TypeError(
+                    f"completions: expected a list of strings or None, got {type(self.completions).__name__}"
+                )
             if isinstance(self.completions, str) or len(self.completions) != len(prompts):
                 got = "a string" if isinstance(self.completions, str) else str(len(self.completions))
                 raise ValueError(f"completions: expected one string per sample ({len(prompts)}), got {got}")
@@ -141,6 +148,9 @@ class MediaBatch:
         """Concatenate batches of the same media kind and size."""
         if not batches:
             raise ValueError("batches: expected at least one MediaBatch, got none")
+        not_batches = [i for i, b in enumerate(batches) if not isinstance(b, MediaBatch)]
+        if not_batches:
+            raise TypeError(f"batches: expected MediaBatch objects, got other types at indices {not_batches[:5]}")
         shapes = {tuple(b.pixels.shape[1:]) for b in batches}
         if len(shapes) > 1:
             raise ValueError(f"batches: expected the same per-sample shape, got {sorted(shapes)}")
@@ -171,7 +181,7 @@ class MediaBatch:
         if not isinstance(pixels, torch.Tensor) or pixels.dtype != torch.uint8:
             got = pixels.dtype if isinstance(pixels, torch.Tensor) else type(pixels).__name__
             raise TypeError(f"pixels: expected a uint8 torch.Tensor, got {got}")
-        return cls(pixels.float() / 255.0, list(prompts), list(metadata or []))
+        return cls(pixels.float() / 255.0, _listed(prompts), _listed(metadata or []))
 
     @classmethod
     def from_numpy(
@@ -200,13 +210,15 @@ class MediaBatch:
             return cls.from_uint8(tensor.contiguous(), prompts, metadata)
         if not tensor.is_floating_point():
             raise TypeError(f"arrays: expected uint8 or floating-point values, got {arrays.dtype}")
-        return cls(tensor.float().contiguous(), list(prompts), list(metadata or []))
+        return cls(tensor.float().contiguous(), _listed(prompts), _listed(metadata or []))
 
     @classmethod
     def from_pil(
         cls, images: Iterable[Image.Image], prompts: Sequence[str], metadata: Sequence[dict] | None = None
     ) -> MediaBatch:
         """From PIL images of one size (converted to RGB)."""
+        if isinstance(images, (str, Image.Image)) or not isinstance(images, Iterable):
+            raise TypeError(f"images: expected a list of PIL images, got {type(images).__name__}")
         images = list(images)
         if not images:
             raise ValueError("images: expected at least one PIL image, got none")
@@ -222,13 +234,22 @@ class MediaBatch:
         folder: str | Path,
         prompts: str | Path | Sequence[str] | None = None,
         size: int | None = None,
+        on_error: str = "stop",
     ) -> MediaBatch:
         """Images of a folder, sorted by file name, with their prompts.
 
         ``prompts`` is a list, a file, or None to look for ``prompts.jsonl`` / ``prompts.txt`` in the folder.
         A ``.txt`` file holds one prompt per line in file-name order; a ``.jsonl`` file holds objects with
         ``file`` and ``prompt`` (other keys become metadata). ``size`` resizes every image to a square.
+        A file that cannot be read as an image stops with a ``ValueError`` naming it (``on_error="stop"``) or
+        is left out, with its prompt, after a warning that names it (``on_error="skip"``).
         """
+        if not isinstance(folder, (str, Path)):
+            raise TypeError(f"folder: expected a path to a directory of images, got {type(folder).__name__}")
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 1):
+            raise ValueError(f"size: expected a positive int (pixels per side) or None, got {size!r}")
+        if on_error not in ("stop", "skip"):
+            raise ValueError(f"on_error: expected 'stop' or 'skip', got {on_error!r}")
         folder = Path(folder)
         if not folder.is_dir():
             raise ValueError(f"folder: expected a directory of images, got {str(folder)!r}")
@@ -236,17 +257,44 @@ class MediaBatch:
         if not files:
             raise ValueError(f"folder: expected images ({', '.join(IMAGE_SUFFIXES)}) in {str(folder)!r}, found none")
         texts, metadata = _read_prompts(folder, files, prompts)
-        images = []
-        for path in files:
-            with Image.open(path) as im:
-                im = im.convert("RGB")
-                images.append(im.resize((size, size), Image.BICUBIC) if size else im.copy())
-        for path, meta in zip(files, metadata):
-            meta.setdefault("file", path.name)
-        return cls.from_pil(images, texts, metadata)
+        images, kept, skipped = [], [], []
+        for i, path in enumerate(files):
+            try:
+                im = open_image(path)
+            except ValueError as err:
+                if on_error == "stop":
+                    raise ValueError(f"{err}; on_error='skip' (`mmalign score --skip-unreadable`) leaves it out") from None
+                skipped.append(path.name)
+                continue
+            images.append(im.resize((size, size), Image.BICUBIC) if size else im)
+            kept.append(i)
+        if skipped:
+            if not images:
+                raise ValueError(f"folder: expected readable images in {str(folder)!r}, could read none of {skipped[:5]}")
+            warnings.warn(f"folder: skipped {len(skipped)} unreadable file(s) in {str(folder)!r}: {skipped[:10]}",
+                          stacklevel=2)
+        for i in kept:
+            metadata[i].setdefault("file", files[i].name)
+        return cls.from_pil(images, [texts[i] for i in kept], [metadata[i] for i in kept])
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The RGB image in ``path``, loaded; a ``ValueError`` naming the file when it is missing or not an image."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as err:  # missing, unreadable, not an image, truncated
+        raise ValueError(f"image: expected a readable image file, got {str(path)!r} ({err})") from None
+
+
+def _listed(items: Any) -> Any:
+    """``items`` as a list when it is an iterable other than a string; else unchanged, for the batch's own check."""
+    return list(items) if isinstance(items, Iterable) and not isinstance(items, (str, Mapping)) else items
 
 
 def _stack_same_size(arrays: list[np.ndarray], name: str) -> np.ndarray:
+    if not arrays:
+        raise ValueError(f"{name}: expected at least one sample, got none")
     sizes = sorted({a.shape for a in arrays})
     if len(sizes) > 1:
         raise ValueError(f"{name}: expected all samples to have one size, got mixed sizes {sizes[:4]}")
@@ -269,11 +317,17 @@ def _read_prompts(
         if not path.is_file():
             raise ValueError(f"prompts: expected a .txt or .jsonl file, got {str(path)!r} which does not exist")
         if path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
             by_file = {}
-            for i, row in enumerate(rows):
-                if "file" not in row or "prompt" not in row:
-                    raise ValueError(f"prompts: line {i + 1} of {path.name} needs 'file' and 'prompt' keys")
+            for number, line in enumerate(path.read_text().splitlines(), start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"prompts: line {number} of {path.name}: expected a JSON object, got invalid "
+                                     f"JSON ({err.msg})") from None
+                if not isinstance(row, dict) or "file" not in row or "prompt" not in row:
+                    raise ValueError(f"prompts: line {number} of {path.name} needs 'file' and 'prompt' keys")
                 by_file[row["file"]] = row
             missing = [f.name for f in files if f.name not in by_file]
             if missing:
@@ -281,6 +335,8 @@ def _read_prompts(
             metadata = [{k: v for k, v in by_file[f.name].items() if k != "prompt"} for f in files]
             return [by_file[f.name]["prompt"] for f in files], metadata
         prompts = [line for line in path.read_text().splitlines() if line.strip()]
+    if not isinstance(prompts, Sequence):
+        raise TypeError(f"prompts: expected a list of strings, a .txt/.jsonl file or None, got {type(prompts).__name__}")
     texts = list(prompts)
     if len(texts) != len(files):
         raise ValueError(f"prompts: expected one prompt per image ({len(files)}), got {len(texts)}")

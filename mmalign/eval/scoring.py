@@ -31,6 +31,7 @@ class ScoreRecipe(Recipe):
     rewards: RewardSpecs = Field(min_length=1, description="reward specs; each becomes columns of the table")
     batch_size: int = Field(16, ge=1, description="images per reward call")
     size: int | None = Field(None, ge=1, description="resize images to this square size first")
+    on_error: Literal["stop", "skip"] = Field("stop", description="a file that is not a readable image: stop, or skip it")
     device: str = Field("cpu", description="torch device for the rewards")
     out: str = Field("scores.csv", description="output table, .csv or .json")
 
@@ -119,7 +120,7 @@ def build_rewards(specs: Sequence[Any], device: str = "cpu") -> dict[str, Reward
 
 def run_score(recipe: ScoreRecipe, progress: bool = True) -> ScoreResult:
     """Load the folder, score it with every reward, write ``recipe.out`` and return the result."""
-    batch = MediaBatch.from_folder(recipe.images, recipe.prompts, size=recipe.size)
+    batch = MediaBatch.from_folder(recipe.images, recipe.prompts, size=recipe.size, on_error=recipe.on_error)
     rewards = build_rewards(recipe.rewards, recipe.device)
     columns = score_batch(rewards, batch.to(recipe.device), recipe.batch_size, progress)
     result = ScoreResult(batch, columns, summarize(columns))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +11,14 @@ from torch import nn
 from mmalign.media import MediaBatch
 from mmalign.rewards.base import SCOPES, Reward, RewardOutput
 
-__all__ = ["WeightedSum", "unique_names", "widest_scope"]
+__all__ = ["WeightedSum", "check_weight", "unique_names", "widest_scope"]
+
+
+def check_weight(value: object, name: str = "weight") -> float:
+    """``value`` as a float when it is a finite real number (not a bool); else a ``ValueError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return float(value)
 
 
 def widest_scope(members: Sequence[Reward]) -> str:
@@ -42,7 +50,11 @@ class WeightedSum(Reward):
         super().__init__()
         if not members:
             raise ValueError("members: expected at least one reward, got none")
-        weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]
+        if weights is None:
+            weights = [1.0] * len(members)
+        if isinstance(weights, str) or not isinstance(weights, Sequence):
+            raise TypeError(f"weights: expected a list of numbers or None, got {type(weights).__name__}")
+        weights = [check_weight(w, f"weights[{i}]") for i, w in enumerate(weights)]
         if len(weights) != len(members):
             raise ValueError(f"weights: expected one weight per member ({len(members)}), got {len(weights)}")
         self.members = nn.ModuleList(members)

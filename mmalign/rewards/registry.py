@@ -98,24 +98,33 @@ def build(spec: RewardSpec) -> Reward:
     if isinstance(spec, str):
         spec = {"name": spec}
     if isinstance(spec, Mapping):
-        kwargs = dict(spec)
-        weight = float(kwargs.pop("weight", 1.0))
-        reward = _build_one(kwargs)
+        weight, reward = _build_one(spec)
         return reward if weight == 1.0 else WeightedSum([reward], [weight])
-    if isinstance(spec, Sequence) and spec:
+    if isinstance(spec, Sequence):
+        if not spec:
+            raise ValueError("spec: expected a reward name, a dict with 'name', or a non-empty list of them, got []")
         members, weights = [], []
-        for item in spec:
-            item = {"name": item} if isinstance(item, str) else dict(item)
-            weights.append(float(item.pop("weight", 1.0)))
-            members.append(_build_one(item))
+        for i, item in enumerate(spec):
+            if not isinstance(item, (str, Mapping)):
+                raise ValueError(f"spec[{i}]: expected a reward name or a dict with 'name', got {item!r}")
+            weight, member = _build_one({"name": item} if isinstance(item, str) else item)
+            weights.append(weight)
+            members.append(member)
         return WeightedSum(members, weights)
     raise TypeError(f"spec: expected a reward name, a dict with 'name', or a non-empty list of them, got {spec!r}")
 
 
-def _build_one(kwargs: dict[str, Any]) -> Reward:
+def _build_one(spec: Mapping[str, Any]) -> tuple[float, Reward]:
+    """``(weight, reward)`` of one ``{"name": ..., "weight": ..., **options}`` spec."""
+    from mmalign.rewards.composite import check_weight
+
+    kwargs = dict(spec)
     if "name" not in kwargs:
         raise ValueError(f"reward spec: expected a 'name' key, got keys {sorted(kwargs)}")
     name = kwargs.pop("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"reward spec {dict(spec)!r}: name: expected a reward name (a non-empty string), got {name!r}")
+    weight = check_weight(kwargs.pop("weight", 1.0), f"reward spec {dict(spec)!r}: weight")
     cls = resolve(name)
     params = inspect.signature(cls).parameters
     accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
@@ -127,7 +136,12 @@ def _build_one(kwargs: dict[str, Any]) -> Reward:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         raise ValueError(f"reward {name!r}: unknown option {', '.join(hints)}; accepted: {', '.join(valid)}")
+    required = [p for p, param in params.items() if param.default is inspect.Parameter.empty
+                and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and p not in kwargs]
+    if required:
+        raise ValueError(f"reward {name!r}: expected the option(s) {', '.join(map(repr, required))}, got "
+                         f"{sorted(kwargs) or 'none'}")
     reward = cls(**kwargs)
     if not isinstance(reward, Reward):
         raise TypeError(f"reward {name!r}: {cls.__name__} is not an mmalign.rewards.Reward")
-    return reward
+    return weight, reward

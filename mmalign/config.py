@@ -26,6 +26,7 @@ __all__ = [
     "Task",
     "StrictModel",
     "apply_overrides",
+    "check_device",
     "find_recipe",
     "import_object",
     "list_recipes",
@@ -81,6 +82,20 @@ def import_object(path: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def check_device(device: Any, name: str = "device") -> Any:
+    """``device`` unchanged when torch can place tensors there; else a ``ValueError`` naming ``name``."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{name}: expected a torch device such as 'cpu', 'cuda' or 'cuda:0', got {device!r}") from None
+    if parsed.type == "cuda" and (parsed.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"{name}: expected 'cpu' or one of the {torch.cuda.device_count()} CUDA device(s) of this "
+                         f"machine, got {device!r}")
+    return device
+
+
 def recipes_dir() -> Path:
     """The shipped recipes: ``configs/`` in a source checkout, ``mmalign/_data/configs`` in a wheel."""
     package = Path(__file__).resolve().parent
@@ -134,9 +149,15 @@ def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
         try:
             node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
-            problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-            raise RecipeError(f"override {key.strip()}: expected a YAML value, got {raw!r} ({problem})") from None
+            raise RecipeError(f"override {key.strip()}: expected a YAML value, got {raw!r} ({_yaml_problem(err)})") from None
     return out
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML error in one line: the problem and where (PyYAML's own text spans several lines)."""
+    mark = getattr(err, "problem_mark", None)
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def apply_overrides(data: Any, overrides: Mapping[str, Any]) -> Any:
@@ -173,7 +194,7 @@ def load_recipe(
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise RecipeError(f"recipe {path}: not valid YAML: {err}") from err
+        raise RecipeError(f"recipe {path}: not valid YAML: {_yaml_problem(err)}") from None
     if not isinstance(data, Mapping):
         raise RecipeError(f"recipe {path}: expected a mapping at the top level, got {type(data).__name__}")
     data = _substitute(data, "${recipe_dir}", str(path.resolve().parent))
@@ -207,8 +228,9 @@ def _describe(schema: type[BaseModel], error: Mapping[str, Any]) -> str:
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f"did you mean {close[0]!r}?" if close else f"valid keys: {', '.join(valid)}"
         return f"{where}: unknown key; {hint}"
-    if error["type"] == "value_error":  # a validator's own message, which says what came
-        return f"{where}: {error['ctx']['error']}"
+    if error["type"] == "value_error":  # a validator's own message, which says what came (and may name the field)
+        message = str(error["ctx"]["error"])
+        return f"{where}: {message.removeprefix(f'{loc[-1]}: ') if loc else message}"
     return f"{where}: {error['msg']} (got {error.get('input')!r})"
 
 

@@ -106,15 +106,28 @@ def load_run_pipeline(run_dir: str | Path):
     from mmalign.models.pipelines import load_sd_pipeline
 
     run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ValueError(f"run: expected a training run folder, got {str(run_dir)!r} which is not a directory")
     config_path = run_dir / "config.json"
     if not config_path.is_file():
         raise ValueError(f"run: {str(run_dir)!r} is not a run folder (no config.json)")
-    config = json.loads(config_path.read_text())
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"run: {str(config_path)!r} is not valid JSON ({err}); was the run interrupted?") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"run: {str(config_path)!r}: expected a JSON object, got {type(config).__name__}")
     if (run_dir / "pipeline" / "model_index.json").is_file():
         pipe = load_sd_pipeline(str(run_dir / "pipeline"))
     elif (run_dir / "lora").is_dir():
+        if "pipeline" not in config:
+            raise ValueError(f"run: {str(config_path)!r} names no base 'pipeline' for the LoRA in lora/")
         pipe = load_sd_pipeline(config["pipeline"])
-        pipe.load_lora_weights(str(run_dir / "lora"))
+        try:
+            pipe.load_lora_weights(str(run_dir / "lora"))
+        except OSError as err:
+            raise ValueError(f"run: {str(run_dir / 'lora')!r} holds no readable LoRA weights ({err}); has the run "
+                             "finished?") from None
     else:
         raise ValueError(f"run: {str(run_dir)!r} has no exported weights (lora/ or pipeline/); has it finished?")
     sampler = {k: config[k] for k in ("num_steps", "eta", "guidance_scale") if k in config}

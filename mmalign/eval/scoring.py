@@ -14,7 +14,7 @@ import torch
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
-from mmalign.config import Recipe
+from mmalign.config import Recipe, check_device
 from mmalign.media import MediaBatch
 from mmalign.rewards import Reward, build
 from mmalign.rewards.composite import unique_names
@@ -41,6 +41,11 @@ class ScoreRecipe(Recipe):
         if Path(value).suffix not in (".csv", ".json"):
             raise ValueError(f"expected a .csv or .json file, got {value!r}")
         return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        return check_device(value)
 
 
 @dataclass
@@ -114,6 +119,7 @@ def format_summary(summary: Mapping[str, Mapping[str, float]]) -> str:
 
 def build_rewards(specs: Sequence[Any], device: str = "cpu") -> dict[str, Reward]:
     """Named rewards from specs, moved to ``device``; names made unique for the table's columns."""
+    check_device(device)
     rewards = [build(spec).to(device) for spec in specs]
     return dict(zip(unique_names(rewards), rewards))
 

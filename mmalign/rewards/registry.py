@@ -12,7 +12,9 @@ import importlib
 import inspect
 from collections.abc import Mapping, Sequence
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator
 
 from mmalign.rewards.base import Reward
 
@@ -43,8 +45,17 @@ _BUILTIN: dict[str, str] = {
 _SESSION: dict[str, str | type] = {}
 
 RewardSpec = str | Mapping[str, Any] | Sequence[Mapping[str, Any]]
+
+
+def _spec_entry(value: Any) -> Any:
+    """One entry of a recipe's reward list, checked whole so that a bad one gets one message, not one per type."""
+    if not (isinstance(value, (str, dict)) or isinstance(value, list) and all(isinstance(v, dict) for v in value)):
+        raise ValueError(f"expected a reward name, a dict {{name: ..., **options}} or a list of such dicts, got {value!r}")
+    return value
+
+
 #: the recipe field type of reward specs: names, dicts with options, or lists of dicts (a weighted sum)
-RewardSpecs = list[str | dict[str, Any] | list[dict[str, Any]]]
+RewardSpecs = list[Annotated[str | dict[str, Any] | list[dict[str, Any]], BeforeValidator(_spec_entry)]]
 
 
 def register(name: str, target: str | type) -> None:

@@ -48,9 +48,11 @@ def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch
     """The shipped (or ``path``'s) pipeline on ``device``, progress bars off (samplers call it in loops)."""
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(path or pipeline_path(), dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    from mmalign.config import check_device
+    from mmalign.models.pipelines import pretrained_pipeline
+
+    check_device(device)
+    return pretrained_pipeline(StableDiffusionPipeline, path or pipeline_path(), dtype=dtype).to(device)
 
 
 def load_proxy(device: str | torch.device = "cpu", path: str | None = None):

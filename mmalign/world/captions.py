@@ -147,7 +147,11 @@ def scene_from_prompt(prompt: str, seed: int = 0):
     Reads the grammar's own phrase tables, so every caption that ``caption()`` writes parses back.
     """
 
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt: expected a caption (a string), got {type(prompt).__name__}")
     words = prompt.lower().split()
+    if not words:
+        raise ValueError(f"prompt: expected a caption of the world grammar (e.g. 'a red circle'), got {prompt!r}")
     counts = {w: n for n, w in COUNT_WORDS.items()}
     nouns = {w: s for s, pairs in SHAPE_WORDS.items() for pair in pairs for w in pair}
     positions = {tuple(p.split()): name for name, ps in POSITION_PHRASES.items() for p in ps}

@@ -16,11 +16,26 @@ def _scenes_and_prompts(args: argparse.Namespace):
     """``(scenes, prompts)`` from ``--prompt`` (repeated ``--n`` times) or ``--split``'s prompt set."""
     from mmalign.world.captions import prompt_set, scene_from_prompt
 
-    if args.prompt:
+    if args.n < 1:
+        raise ValueError(f"--n: expected a positive number of images or prompts, got {args.n}")
+    if args.prompt is not None:  # an empty --prompt is an error of the grammar, not "no prompt"
         scene = scene_from_prompt(args.prompt, args.seed)
         return [scene] * args.n, [args.prompt] * args.n
     prompts = prompt_set(args.split, args.n, args.seed)
     return [p.scene for p in prompts], [p.text for p in prompts]
+
+
+def _save(image, out: str) -> None:
+    """Save ``image`` to ``--out``, making its folder; a ``ValueError`` naming ``--out`` for a suffix PIL cannot write."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    path = Path(out)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--out: expected an image file name such as grid.png, got {out!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
 
 
 def _verdict(result) -> str:
@@ -46,8 +61,8 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.device, path=args.pipeline)
     images = generate(pipe, prompts, args.seed, args.steps, args.guidance)
     verdicts = verify_batch(images, scenes)
-    labels = [(f"{p}\n" if not args.prompt else "") + _verdict(v) for p, v in zip(prompts, verdicts)]
-    image_grid(images, labels, args.columns).save(args.out)
+    labels = [(f"{p}\n" if args.prompt is None else "") + _verdict(v) for p, v in zip(prompts, verdicts)]
+    _save(image_grid(images, labels, args.columns), args.out)
     mean = sum(v.score for v in verdicts) / len(verdicts)
     print(f"wrote {len(images)} samples to {args.out}; mean gold {mean:.3f}")
     return 0
@@ -59,21 +74,28 @@ def _cmd_render(args: argparse.Namespace) -> int:
 
     scenes, prompts = _scenes_and_prompts(args)
     images = render_batch(scenes, args.size, args.jitter, args.seed)
-    image_grid(images, None if args.prompt else prompts, args.columns, scale=max(1, 128 // args.size)).save(args.out)
+    labels = None if args.prompt is not None else prompts
+    _save(image_grid(images, labels, args.columns, scale=max(1, 128 // args.size)), args.out)
     print(f"wrote {len(images)} renders to {args.out}")
     return 0
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from PIL import Image
-
+    from mmalign.media import open_image
     from mmalign.world.captions import scene_from_prompt
     from mmalign.world.scenes import Scene
     from mmalign.world.verify import verify
 
-    scene = Scene.from_dict(json.loads(args.scene)) if args.scene else scene_from_prompt(args.prompt)
+    if args.scene is not None:
+        try:
+            data = json.loads(args.scene)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"--scene: expected a scene as JSON (Scene.to_dict), got {args.scene!r} ({err})") from None
+        scene = Scene.from_dict(data)
+    else:
+        scene = scene_from_prompt(args.prompt)
     for path in args.images:
-        result = verify(Image.open(path), scene)
+        result = verify(open_image(path), scene)
         checks = " ".join(f"{name}={'ok' if ok else 'FAIL'}" for name, ok in result.checks.items())
         print(f"{path}: {result.score:.3f}  {checks}")
     return 0

@@ -8,7 +8,7 @@ render jitter, so a jittered render still satisfies every stated attribute.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,10 @@ class SceneObject:
         _check("colour", self.colour, COLOURS)
         _check("position", self.position, (*POSITIONS, None))
         _check("size", self.size, ("small", "large", None))
+        for name in ("x", "y", "scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name}: expected a number (a fraction of the canvas), got {value!r}")
         if not 0.05 <= self.scale <= 0.6:
             raise ValueError(f"scale: expected a fraction of the canvas in [0.05, 0.6], got {self.scale!r}")
 
@@ -180,6 +184,11 @@ class Scene:
     def from_dict(cls, data: dict[str, Any]) -> Scene:
         if not isinstance(data, dict) or not isinstance(data.get("objects"), list):
             raise ValueError(f"data: expected a dict with an 'objects' list (Scene.to_dict), got {data!r}")
+        names = [f.name for f in fields(SceneObject)]
+        for i, o in enumerate(data["objects"]):
+            if not isinstance(o, dict) or not set(o) <= set(names) or not {"shape", "colour"} <= set(o):
+                raise ValueError(f"objects[{i}]: expected a dict with 'shape', 'colour' and optionally "
+                                 f"{', '.join(names[2:])}, got {o!r}")
         objects = tuple(SceneObject(**o) for o in data["objects"])
         rest = {k: data[k] for k in ("background", "background_stated", "relation") if k in data}
         return cls(objects, **rest)

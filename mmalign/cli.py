@@ -128,7 +128,8 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     for name, table in summary["rewards"].items():
         change = summary["paired_change"][name]
         line = f"{name:>{width}}: {table['initial']['mean']:.4f} -> ReNO {table['reno']['mean']:.4f}"
-        line += f" (change {_interval(change['reno'])}, rose for {summary['fraction_rose'][name]:.0%} of prompts)"
+        line += (f" (change {_interval(change['reno'])}; rose for {summary['fraction_rose'][name]:.0%} of prompts, "
+                 f"fell for {summary['fraction_fell'][name]:.0%})")
         if "best_of_n" in table:
             line += f" | best-of-N {table['best_of_n']['mean']:.4f} (ReNO − best-of-N {_interval(change['reno_minus_best_of_n'])})"
         print(line)

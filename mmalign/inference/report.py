@@ -62,7 +62,7 @@ def traces_figure(trace: Mapping[str, torch.Tensor], report: Sequence[str] = ())
         else:
             _band(ax, steps, trace[key], "current iterate", "C1")
             _band(ax, steps, returned_so_far(trace["reward"], trace[key]), "at the returned iterate", "C3")
-            ax.set_title(f"{key} (not optimised)")
+            ax.set_title(f"{key} (report reward)")
         ax.set_xlabel("iteration (reward evaluations − 1)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")

@@ -205,7 +205,7 @@ def _summary(recipe, results, scores, seconds, bon_seconds, texts) -> dict[str, 
         "seconds_per_prompt": round(seconds / len(texts), 3),
         "best_of_n_seconds": None if bon_seconds is None else round(bon_seconds, 2),
         "rewards": {name: {tag: mean_ci(table[name]) for tag, table in scores.items()} for name in names},
-        "paired_change": {}, "fraction_rose": {},
+        "paired_change": {}, "fraction_rose": {}, "fraction_fell": {},
     }
     for name in names:
         initial, reno = scores["initial"][name], scores["reno"][name]
@@ -215,6 +215,7 @@ def _summary(recipe, results, scores, seconds, bon_seconds, texts) -> dict[str, 
             change["reno_minus_best_of_n"] = mean_ci(reno - scores["best_of_n"][name])
         summary["paired_change"][name] = change
         summary["fraction_rose"][name] = float((reno > initial).double().mean())
+        summary["fraction_fell"][name] = float((reno < initial).double().mean())
     best_iteration = torch.cat([r.best_iteration for r in results]).double()
     summary["best_iteration"] = {"mean": float(best_iteration.mean()), "median": float(best_iteration.median())}
     summary["stopped"] = [{"prompt": text, "reason": reason}

@@ -207,3 +207,19 @@ def test_bad_inputs_are_named(adapter, kwargs, match):
         kwargs["seeds"] = None
     with pytest.raises(ValueError, match=match):
         optimize_noise(adapter, prompts, reward, num_steps=2, **{"seeds": range(len(prompts)), **kwargs})
+
+
+@pytest.mark.parametrize("timestep_spacing, steps", [("leading", 2), ("trailing", 1)])
+def test_the_sampler_is_diffusers_deterministic_ddim(timestep_spacing, steps):
+    """The initial images are what the diffusers pipeline draws from the same latents with DDIM at η = 0,
+    also in one step from t = T (trailing spacing, as the turbo models sample)."""
+    from diffusers import DDIMScheduler
+    from tiny_models import make_tiny_sd_pipeline
+
+    pipe = make_tiny_sd_pipeline(seed=0)
+    pipe.scheduler = DDIMScheduler.from_config({**pipe.scheduler.config, "timestep_spacing": timestep_spacing})
+    result = optimize_noise(pipe, PROMPTS[:2], Brightness(), seeds=[5, 6], num_steps=steps, iterations=1,
+                            guidance_scale=2.0)
+    expected = pipe(PROMPTS[:2], num_inference_steps=steps, guidance_scale=2.0, eta=0.0, latents=result.initial_noise,
+                    output_type="pt").images
+    torch.testing.assert_close(result.initial_pixels, expected.float(), rtol=1e-4, atol=1e-4)

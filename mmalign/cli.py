@@ -136,9 +136,9 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     for row in summary["stopped"]:
         print(f"stopped early: {row['prompt']!r}: {row['reason']}")
     print(f"run folder: {recipe.output_dir}")
-    for name in ("summary.json", "grid.png", "traces.png", "noise.safetensors"):
+    for name in ("summary.json", "grid.png", "traces.png", "traces.safetensors", "noise.safetensors"):
         if (Path(recipe.output_dir) / name).is_file():
-            print(f"{name:>17}: {Path(recipe.output_dir) / name}")
+            print(f"{name:>18}: {Path(recipe.output_dir) / name}")
     return 0
 
 
@@ -315,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     optimize = sub.add_parser(
         "optimize", help="optimise samples' initial noise against rewards (ReNO), beside best-of-N",
         description="Run a noise-optimisation recipe (task: reno); key=value overrides any field. Writes the "
-        "initial / ReNO / best-of-N grid, the traces plot, the noises and summary.json into the run folder.",
+        "initial / ReNO / best-of-N grid, the traces (plot and tensors), the noises and summary.json into the run folder.",
     )
     optimize.add_argument("recipe", help="shipped recipe name (e.g. shapes-reno) or YAML file")
     optimize.add_argument("overrides", nargs="*", metavar="KEY=VALUE")

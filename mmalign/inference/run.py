@@ -1,5 +1,5 @@
 """``mmalign optimize``: ReNO over a prompt set, beside best-of-N at the same number of reward calls, into a run
-folder (``summary.json``, ``grid.png``, ``traces.png``, the noises and images).
+folder (``summary.json``, ``grid.png``, ``traces.png``, ``traces.safetensors``, the noises and images).
 
 Best-of-N is the honest baseline of any inference-time method: ReNO spends ``iterations`` reward evaluations
 per prompt (the initial noise's included), best-of-N spends as many on independent samples, the first of which
@@ -127,7 +127,7 @@ def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
     trace = {key: torch.cat([r.trace[key] for r in results], 1) for key in ("reward", "noise_norm")}
     trace.update({name: torch.cat(parts, 1) for name, parts in report_traces.items()})
     summary = _summary(recipe, results, scores, seconds, bon_seconds, texts)
-    _save_outputs(out, results, images)
+    _save_outputs(out, results, images, trace)
     summary["grid"] = save_grid(images, scores, texts, out / "grid.png", recipe.grid_prompts) if recipe.grid_prompts else None
     summary["traces"] = save_traces(trace, out / "traces.png", list(report))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -228,14 +228,15 @@ def _summary(recipe, results, scores, seconds, bon_seconds, texts) -> dict[str, 
     return summary
 
 
-def _save_outputs(out: Path, results, images: dict[str, torch.Tensor]) -> None:
-    """``noise.safetensors`` (each prompt's initial and best noise: sample them again with the same sampler)
-    and the images as PNGs under ``images/``."""
+def _save_outputs(out: Path, results, images: dict[str, torch.Tensor], trace: dict[str, torch.Tensor]) -> None:
+    """``noise.safetensors`` (each prompt's initial and best noise: sample them again with the same sampler),
+    ``traces.safetensors`` (every trace, ``(iterations, prompts)``) and the images as PNGs under ``images/``."""
     from safetensors.torch import save_file
     from torchvision.utils import save_image
 
     save_file({"initial": torch.cat([r.initial_noise for r in results]).contiguous(),
                "best": torch.cat([r.best_noise for r in results]).contiguous()}, out / "noise.safetensors")
+    save_file({k: v.contiguous() for k, v in trace.items()}, out / "traces.safetensors")
     folder = out / "images"
     folder.mkdir(exist_ok=True)
     for tag, pixels in images.items():

@@ -31,6 +31,8 @@ def test_run_folder_and_summary(run):
     for row in summary["per_prompt"]:
         assert row["reward/reno"] >= row["reward/initial"]
         assert row["reward/best_of_n"] >= row["reward/initial"] - 1e-5  # draw 0 is ReNO's initial noise
+    traces = load_file(out / "traces.safetensors")
+    assert traces["reward"].shape == traces["gold"].shape == (3, 3)  # (iterations, prompts)
     noise = load_file(out / "noise.safetensors")
     assert noise["initial"].shape == noise["best"].shape == (3, 12, 16, 16)
 

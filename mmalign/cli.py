@@ -267,6 +267,15 @@ def _parse_reward(text: str) -> str | dict:
     return text
 
 
+def _recipe_command(sub, name: str, func, help: str, description: str) -> None:
+    """A subcommand that runs one recipe: ``mmalign NAME RECIPE [KEY=VALUE ...] [--quiet]``."""
+    command = sub.add_parser(name, help=help, description=description)
+    command.add_argument("recipe", help="shipped recipe name or YAML file")
+    command.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    command.add_argument("--quiet", action="store_true", help="no progress bars")
+    command.set_defaults(func=func)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mmalign", description="Align image and video generators and vision-language models with rewards."
@@ -302,25 +311,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_world_parser(sub)
 
-    train = sub.add_parser(
-        "train", help="train a generator with a recipe (e.g. shapes-prdp)",
-        description="Run a training recipe; key=value overrides any field. A run folder that holds a checkpoint "
-        "is resumed. Ends with the before/after report in the run folder.",
+    _recipe_command(
+        sub, "train", _cmd_train, "train a generator with a recipe (e.g. shapes-prdp)",
+        "Run a training recipe; key=value overrides any field. A run folder that holds a checkpoint is resumed. "
+        "Ends with the before/after report in the run folder.",
     )
-    train.add_argument("recipe", help="shipped recipe name or YAML file")
-    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    train.add_argument("--quiet", action="store_true", help="no progress bars")
-    train.set_defaults(func=_cmd_train)
-
-    optimize = sub.add_parser(
-        "optimize", help="optimise samples' initial noise against rewards (ReNO), beside best-of-N",
-        description="Run a noise-optimisation recipe (task: reno); key=value overrides any field. Writes the "
-        "initial / ReNO / best-of-N grid, the traces (plot and tensors), the noises and summary.json into the run folder.",
+    _recipe_command(
+        sub, "optimize", _cmd_optimize, "optimise samples' initial noise against rewards (ReNO), beside best-of-N",
+        "Run a noise-optimisation recipe (task: reno, e.g. shapes-reno); key=value overrides any field. Writes the "
+        "initial / ReNO / best-of-N grid, the traces (plot and tensors), the noises and summary.json into the run "
+        "folder.",
     )
-    optimize.add_argument("recipe", help="shipped recipe name (e.g. shapes-reno) or YAML file")
-    optimize.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    optimize.add_argument("--quiet", action="store_true", help="no progress bars")
-    optimize.set_defaults(func=_cmd_optimize)
 
     bench = sub.add_parser("bench", help="benchmarks: figures with the ratio to a reference measured in the same run")
     benches = bench.add_subparsers(dest="what", metavar="WHAT", required=True)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from mmalign.eval.generator import GeneratorEval, mean_ci
+from mmalign.files import write_text_atomic
 
 __all__ = [
     "curves_figure", "eval_panels", "eval_rewards", "plot_curves", "read_metrics", "save_grids", "smooth",
@@ -251,7 +252,7 @@ def write_report(
         summary["curves"] = curves.name if curves else None
     label = next((k for k in ("gold", *before.scores) if k in before.scores), None)
     summary["grid"] = save_grids(before, after, run_dir / "grid.png", label, limit).name if limit else None
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: it marks the report done
     return summary
 
 

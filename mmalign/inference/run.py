@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from mmalign.config import Recipe
 from mmalign.eval.generator import mean_ci
 from mmalign.eval.scoring import build_rewards
+from mmalign.files import write_text_atomic
 from mmalign.media import MediaBatch
 from mmalign.models.ddim import DDIMPolicy
 from mmalign.models.pipelines import load_sd_pipeline
@@ -130,7 +131,7 @@ def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
     _save_outputs(out, results, images, trace)
     summary["grid"] = save_grid(images, scores, texts, out / "grid.png", recipe.grid_prompts) if recipe.grid_prompts else None
     summary["traces"] = save_traces(trace, out / "traces.png", list(report))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

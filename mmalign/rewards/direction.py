@@ -35,6 +35,7 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from mmalign.files import write_atomic
 from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
 from mmalign.rewards.clip import CLIPFamilyReward, embedding_cosines, frame_embeddings
@@ -199,23 +200,15 @@ class DirectionCorrected(Reward):
 
 # ------------------------------------------------------------------------------------------------ files
 def save_correction(path: str | os.PathLike, correction: torch.Tensor, meta: Mapping[str, Any] | None = None) -> Path:
-    """Write ``b`` to a safetensors file (key ``correction``; ``meta`` as string metadata), atomically: a
-    temporary file in the same folder, then ``os.replace``, so a reader never sees half a file."""
+    """Write ``b`` to a safetensors file (key ``correction``; ``meta`` as string metadata), atomically
+    (``mmalign.files.write_atomic``), so a reader never sees half a file."""
     from safetensors.torch import save_file
 
     b = correction.detach()
     if b.ndim != 1 or not b.is_floating_point():
         raise ValueError(f"correction: expected a 1-D float tensor, got shape {tuple(b.shape)}, {b.dtype}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file({CORRECTION_KEY: b.float().cpu().contiguous()}, tmp,
-                  metadata={str(k): str(v) for k, v in (meta or {}).items()})
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    tensors, metadata = {CORRECTION_KEY: b.float().cpu().contiguous()}, {str(k): str(v) for k, v in (meta or {}).items()}
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def load_correction(path: str | os.PathLike) -> tuple[torch.Tensor, dict[str, str]]:

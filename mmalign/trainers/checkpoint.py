@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from mmalign.files import write_atomic, write_text_atomic
+
 __all__ = ["Checkpoint", "latest_checkpoint", "save_checkpoint"]
 
 
@@ -42,21 +44,16 @@ def save_checkpoint(
 ) -> Path:
     """Write ``folder/name`` atomically, point ``folder/latest`` at it, keep the newest ``keep`` checkpoints."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    final, tmp = folder / name, folder / f".tmp-{name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
-    torch.save(optimizer, tmp / "optimizer.pt")
-    torch.save(extra, tmp / "extra.pt")
-    (tmp / "state.json").write_text(json.dumps(state, indent=2))
-    _fsync_dir(tmp)
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    pointer = folder / ".latest.tmp"
-    pointer.write_text(name)
-    os.replace(pointer, folder / "latest")
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir()
+        save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()}, tmp / "trainable.safetensors")
+        torch.save(optimizer, tmp / "optimizer.pt")
+        torch.save(extra, tmp / "extra.pt")
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
+
+    final = write_atomic(folder / name, write)
+    write_text_atomic(folder / "latest", name)
     _prune(folder, keep, protect=name)
     return final
 
@@ -83,8 +80,3 @@ def _prune(folder: Path, keep: int, protect: str) -> None:
         if old.name != protect:
             shutil.rmtree(old, ignore_errors=True)
 
-
-def _fsync_dir(path: Path) -> None:
-    for file in path.iterdir():
-        with open(file, "rb") as handle:
-            os.fsync(handle.fileno())

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from mmalign.config import Recipe, StrictModel
 from mmalign.eval.scoring import build_rewards
+from mmalign.files import write_atomic
 from mmalign.models.ddim import DDIMPolicy
 from mmalign.models.pipelines import load_sd_pipeline
 from mmalign.models.rollout import sample_trajectories, trajectory_log_probs
@@ -469,15 +470,16 @@ class DiffusionLoop:
         return encoder, "reward"
 
     def export(self) -> Path:
-        """The trained weights for plain diffusers: LoRA (``pipe.load_lora_weights``) or the whole pipeline."""
+        """The trained weights for plain diffusers: LoRA (``pipe.load_lora_weights``) or the whole pipeline, written
+        atomically (a folder that exists is complete)."""
         self.accelerator.wait_for_everyone()
         out = self.run_dir / ("lora" if self.config.lora is not None else "pipeline")
         if self.run.is_main:
             with self.ema_weights():
                 if self.config.lora is not None:
-                    export_lora(self.raw_unet, out)
+                    write_atomic(out, lambda tmp: export_lora(self.raw_unet, tmp))
                 else:
-                    self.adapter.pipeline.save_pretrained(out)
+                    write_atomic(out, self.adapter.pipeline.save_pretrained)
         return out
 
     def cleanup(self) -> None:

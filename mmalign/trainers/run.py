@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
+from mmalign.files import write_text_atomic
 from mmalign.trainers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from mmalign.trainers.distributed import destroy_process_group_at_exit
 
@@ -31,11 +32,8 @@ def seeded_generator(*keys: int) -> torch.Generator:
 
 
 def write_config(run_dir: str | Path, config: BaseModel) -> Path:
-    """``config.json``: the validated recipe the run was started with."""
-    path = Path(run_dir) / "config.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.model_dump_json(indent=2))
-    return path
+    """``config.json``: the validated recipe the run was started with (written atomically)."""
+    return write_text_atomic(Path(run_dir) / "config.json", config.model_dump_json(indent=2))
 
 
 def append_metrics(run_dir: str | Path, row: Mapping[str, Any]) -> None:

@@ -24,6 +24,7 @@ import torch
 from pydantic import Field, TypeAdapter, ValidationError, field_validator, model_validator
 
 from mmalign.config import Recipe, StrictModel, import_object
+from mmalign.files import write_atomic, write_text_atomic
 from mmalign.rewards.registry import RewardSpecs
 from mmalign.trainers.lora import LM_TARGETS, LoRAConfig
 from mmalign.trainers.run import append_metrics, write_config
@@ -357,7 +358,7 @@ class VLMGRPORecipeTrainer:
             self.before_answers = json.loads(path.read_text())["answers"]
         elif self._last_checkpoint() is None:
             self.before_answers = self._answers()
-            path.write_text(json.dumps({"answers": self.before_answers}, indent=1) + "\n")
+            write_text_atomic(path, json.dumps({"answers": self.before_answers}, indent=1) + "\n")
 
     def _last_checkpoint(self) -> str | None:
         from transformers.trainer_utils import get_last_checkpoint
@@ -404,7 +405,7 @@ class VLMGRPORecipeTrainer:
         before = score_answers(rows, self.before_answers, functions)
         after_answers = self._answers()
         after = score_answers(rows, after_answers, functions)
-        (self.run_dir / "after.json").write_text(json.dumps({"answers": after_answers}, indent=1) + "\n")
+        write_text_atomic(self.run_dir / "after.json", json.dumps({"answers": after_answers}, indent=1) + "\n")
         names = [f.__name__ for f in self.functions]
         keys = ["reward", *(f"rewards/{n}" for n in names), "kl", "completions/mean_length",
                 "frac_reward_zero_std", "dynamic_sampling/zero_spread_groups"]
@@ -417,13 +418,18 @@ class VLMGRPORecipeTrainer:
         return write_report(self.run_dir, before, after, keys, extra, x="step")
 
     def export(self) -> Path:
-        """The trained weights: the LoRA adapter (``lora/``) or the whole model (``model/``), with the processor."""
+        """The trained weights: the LoRA adapter (``lora/``) or the whole model (``model/``), with the processor,
+        written atomically (a folder that exists is complete)."""
         self.trainer.accelerator.wait_for_everyone()
         out = self.run_dir / ("lora" if self.config.lora is not None else "model")
         if self.trainer.accelerator.is_main_process:
             model = self.trainer.accelerator.unwrap_model(self.trainer.model)
-            model.save_pretrained(out)
-            self.processor.save_pretrained(out)
+
+            def write(tmp: Path) -> None:
+                model.save_pretrained(tmp)
+                self.processor.save_pretrained(tmp)
+
+            write_atomic(out, write)
         return out
 
     def cleanup(self) -> None:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mmalign.media import MediaBatch
+from mmalign.rewards.set_metrics import vendi
 
 __all__ = [
     "EMBEDDING_METRICS",
@@ -63,11 +64,9 @@ def _unit(embeddings: torch.Tensor) -> torch.Tensor:
 
 def vendi_score(embeddings: torch.Tensor) -> float:
     """``exp(-Σ λ log λ)`` over the eigenvalues of ``K / n``, ``K`` the cosine kernel of ``(n, D)`` embeddings
-    (normalised here), in float64; tiny negative eigenvalues are clamped to 0 and ``0 · log 0 = 0``."""
-    x = _unit(embeddings)
-    eigenvalues = torch.linalg.eigvalsh(x @ x.T / len(x)).clamp_min(0.0)
-    positive = eigenvalues[eigenvalues > 0]
-    return math.exp(float(-(positive * positive.log()).sum()))
+    (normalised here), in float64; tiny negative eigenvalues are clamped to 0 and ``0 · log 0 = 0``
+    (``mmalign.rewards.set_metrics.vendi``, which the ``vendi`` reward uses too)."""
+    return float(vendi(_unit(embeddings)))
 
 
 def pairwise_distance(embeddings: torch.Tensor) -> float:

@@ -85,12 +85,13 @@ class CLIPBackbone(nn.Module):
         return F.normalize(self._image_features(inputs).to(self.work_dtype), dim=-1)
 
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """``(B, D)`` unit text embeddings; each distinct prompt is encoded once and cached (no gradients)."""
+        """``(B, D)`` unit text embeddings; each distinct prompt is encoded once and cached (no gradients). Prompts
+        are encoded one at a time: a batch's shape moves the last bits of its rows, and a cached embedding must not
+        depend on which prompts were first encoded with it, or a resumed run would score differently."""
         missing = list(dict.fromkeys(p for p in prompts if p not in self._text_cache))
-        if missing:
-            with torch.no_grad():
-                embeddings = F.normalize(self._text_features(missing).to(self.work_dtype), dim=-1)
-            self._text_cache.update(zip(missing, embeddings))
+        with torch.no_grad():
+            for prompt in missing:
+                self._text_cache[prompt] = F.normalize(self._text_features([prompt]).to(self.work_dtype), dim=-1)[0]
         for prompt in prompts:
             self._text_cache.move_to_end(prompt)
         out = torch.stack([self._text_cache[p] for p in prompts])

@@ -98,6 +98,17 @@ def test_text_cache_is_bounded(tiny_open_clip_dir):
     torch.testing.assert_close(backbone.encode_text(PROMPTS), first)
 
 
+def test_a_cached_text_embedding_does_not_depend_on_its_batch(tiny_open_clip_dir):
+    """A resumed run meets its prompts in other batches than a straight one: the cache must give the same bits."""
+    from mmalign.rewards.backbones import OpenCLIPBackbone
+
+    prompts = [f"{n} red circles" for n in range(8)]  # from four rows on, a batch's rounding differs from one row's
+    together = OpenCLIPBackbone(str(tiny_open_clip_dir)).encode_text(prompts)
+    alone = OpenCLIPBackbone(str(tiny_open_clip_dir))
+    for i, prompt in enumerate(prompts):
+        assert torch.equal(alone.encode_text([prompt])[0], together[i]), prompt
+
+
 def test_resize_center_crop_matches_torchvision():
     from torchvision.transforms.v2 import functional as TF
 

@@ -142,10 +142,15 @@ def exemplar_embeddings(
         return load_file(path)["embeddings"]
     embeddings = exemplars.embed(backbone, batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # a temporary per process, not mmalign.files.write_atomic's one name: every rank of a launch may embed the
+    # same exemplars at once, and each must replace the file whole, whoever is last
     partial = path.with_suffix(f".{os.getpid()}.partial")
-    save_file({"embeddings": embeddings.contiguous()}, partial,
-              metadata={"encoder": encoder, "content": content, "kind": exemplars.kind})
-    os.replace(partial, path)
+    try:
+        save_file({"embeddings": embeddings.contiguous()}, partial,
+                  metadata={"encoder": encoder, "content": content, "kind": exemplars.kind})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return embeddings
 
 

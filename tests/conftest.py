@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,15 +9,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny_models import byte_level_vocab, make_tiny_sd_pipeline  # noqa: E402
-
-TINY_OPEN_CLIP = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+from tiny_models import byte_level_vocab, make_tiny_sd_pipeline, save_tiny_open_clip  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -29,16 +20,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def tiny_open_clip_dir(tmp_path_factory):
     """A random tiny OpenCLIP model saved in the published folder layout (config JSON + safetensors)."""
-    from open_clip.model import CLIP
-    from safetensors.torch import save_file
-
-    folder = tmp_path_factory.mktemp("tiny_open_clip")
-    torch.manual_seed(1234)
-    model = CLIP(**TINY_OPEN_CLIP)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
-    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
-    (folder / "open_clip_config.json").write_text(json.dumps(config))
-    return folder
+    return save_tiny_open_clip(tmp_path_factory.mktemp("tiny_open_clip"))
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import json
+from pathlib import Path
 
 import torch
 
@@ -15,6 +17,31 @@ def byte_level_vocab() -> dict[str, int]:
     chars = [chr(c) for c in printable] + [chr(256 + i) for i in range(256 - len(printable))]
     tokens = ["<|startoftext|>", "<|endoftext|>", *chars, *(c + "</w>" for c in chars)]
     return {t: i for i, t in enumerate(tokens)}
+
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def save_tiny_open_clip(folder) -> Path:
+    """A random tiny OpenCLIP model (always the same weights) saved in the published folder layout (config JSON +
+    safetensors) into ``folder``."""
+    from open_clip.model import CLIP
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(1234)
+    model = CLIP(**TINY_OPEN_CLIP)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    config = {"model_cfg": TINY_OPEN_CLIP, "preprocess_cfg": {"mean": CLIP_MEAN, "std": CLIP_STD}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder
 
 
 def make_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):

@@ -1,6 +1,9 @@
-"""Runs a tiny diffusion RL job; used by the resume and multi-process tests as a subprocess.
+"""Runs a tiny diffusion RL job (train, report, export); used by the kill-and-resume and multi-process tests as a
+subprocess, and in process through ``run``.
 
-usage: python diffusion_run.py ALGORITHM OUTPUT_DIR EPOCHS [--kill-after-epoch N]   (prdp, ddpo, grpo or backprop)
+usage: python diffusion_run.py ALGORITHM OUTPUT_DIR EPOCHS [--report] [--kill-after-epoch N] [--kill-at NAME]
+(ALGORITHM: prdp, ddpo, grpo, backprop or d2align; --kill-at: die just before NAME, a file or folder of the run
+folder such as summary.json or lora, is moved into place)
 """
 
 import json
@@ -12,10 +15,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ holds tiny_models.py
-from tiny_models import make_tiny_sd_pipeline  # noqa: E402
+from tiny_models import make_tiny_sd_pipeline, save_tiny_open_clip  # noqa: E402
 
 from mmalign.rewards import Reward, RewardOutput, register  # noqa: E402
 from mmalign.trainers.backprop import BackpropConfig, BackpropTrainer  # noqa: E402
+from mmalign.trainers.d2align import D2AlignConfig, D2AlignTrainer  # noqa: E402
 from mmalign.trainers.ddpo import DDPOConfig, DDPOTrainer  # noqa: E402
 from mmalign.trainers.diffusion_grpo import GRPOConfig, GRPOTrainer  # noqa: E402
 from mmalign.trainers.lora import trainable_state  # noqa: E402
@@ -24,14 +28,17 @@ from mmalign.trainers.prdp import PRDPConfig, PRDPTrainer  # noqa: E402
 COMMON = dict(
     pipeline="tiny", reward=["jpeg_incompressibility"], prompts_per_epoch=4, samples_per_prompt=3,
     prompts_per_update=2, num_steps=3, guidance_scale=2.0, learning_rate=1e-3, lora={"rank": 2, "alpha": 2},
-    report=None, prompts={"world": "train", "n": 16, "seed": 0},
+    prompts={"world": "train", "n": 16, "seed": 0},
 )
 ALGORITHMS = {
     "prdp": (PRDPTrainer, PRDPConfig, {"beta": 0.05, "clip_range": 0.5}),
     "ddpo": (DDPOTrainer, DDPOConfig, {"min_count": 2, "buffer_size": 6}),
     "grpo": (GRPOTrainer, GRPOConfig, {"beta": 0.1, "timestep_fraction": 0.5}),
     "backprop": (BackpropTrainer, BackpropConfig, {"reward": ["brightness"], "method": "alignprop", "grad_steps": 2}),
+    "d2align": (D2AlignTrainer, D2AlignConfig, {"correction_prompts": 2, "correction_steps": 20, "correction_radius": 0.2}),
 }
+#: a small before/after report (``--report``)
+REPORT = {"prompts": {"world": "train", "n": 2, "seed": 0}, "samples_per_prompt": 2, "rewards": [], "grid_prompts": 2}
 
 
 class Brightness(Reward):
@@ -47,9 +54,44 @@ class Brightness(Reward):
 register("brightness", Brightness)
 
 
-def config(output_dir: str, epochs: int, algorithm: str = "prdp"):
+def config(output_dir: str, epochs: int, algorithm: str = "prdp", report: bool = False):
     _, schema, own = ALGORITHMS[algorithm]
-    return schema(**{**COMMON, **own}, epochs=epochs, output_dir=output_dir)
+    if schema is D2AlignConfig:  # a CLIP-type reward, the same tiny weights beside every run folder of a test
+        clip = Path(output_dir).parent / "tiny_open_clip"
+        if not clip.is_dir():
+            save_tiny_open_clip(clip)
+        own = {**own, "reward": [{"name": "clip", "model": str(clip), "pretrained": None, "clamp": False}]}
+    return schema(**{**COMMON, **own}, epochs=epochs, output_dir=output_dir, report=REPORT if report else None)
+
+
+def run(algorithm: str, out, epochs: int, report: bool = False, before_train=None):
+    """Train ``algorithm`` for ``epochs`` in ``out`` (resuming what is there), then report and export; returns
+    the trainer, cleaned up. ``before_train(trainer)`` runs after ``setup``."""
+    trainer_class = ALGORITHMS[algorithm][0]
+    trainer = trainer_class(config(str(out), epochs, algorithm, report), pipeline=make_tiny_sd_pipeline(seed=0),
+                            progress=False)
+    trainer.setup()
+    if before_train is not None:
+        before_train(trainer)
+    try:
+        trainer.train()
+        trainer.report()
+        trainer.export()
+    finally:
+        trainer.cleanup()
+    return trainer
+
+
+def kill_at(name: str) -> None:
+    """Die with SIGKILL just before a file or folder called ``name`` is moved into place (``mmalign.files``)."""
+    replace = os.replace
+
+    def replace_or_die(src, dst):
+        if Path(dst).name == name:
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace(src, dst)
+
+    os.replace = replace_or_die
 
 
 def kill_after(trainer, epoch_to_die: int) -> None:
@@ -65,15 +107,16 @@ def kill_after(trainer, epoch_to_die: int) -> None:
 
 
 def main() -> None:
-    """Train, then save each rank's final trainable weights."""
+    """Train, report, export, then save each rank's final trainable weights."""
     algorithm, out, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    trainer_class = ALGORITHMS[algorithm][0]
-    trainer = trainer_class(config(out, epochs, algorithm), pipeline=make_tiny_sd_pipeline(seed=0), progress=False)
-    trainer.setup()
-    if "--kill-after-epoch" in sys.argv:
-        kill_after(trainer, int(sys.argv[sys.argv.index("--kill-after-epoch") + 1]))
-    trainer.train()
-    trainer.cleanup()
+    if "--kill-at" in sys.argv:
+        kill_at(sys.argv[sys.argv.index("--kill-at") + 1])
+
+    def before_train(trainer):
+        if "--kill-after-epoch" in sys.argv:
+            kill_after(trainer, int(sys.argv[sys.argv.index("--kill-after-epoch") + 1]))
+
+    trainer = run(algorithm, out, epochs, "--report" in sys.argv, before_train)
     unet = trainer.loop.raw_unet
     state = {k: v.detach().double().sum().item() for k, v in trainable_state(unet).items()}
     rank = trainer.loop.accelerator.process_index
@@ -91,21 +134,6 @@ def _job(algorithm: str, out: Path, epochs: int, *extra: str, check: bool = True
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.run([sys.executable, __file__, algorithm, str(out), str(epochs), *extra], env=env, check=check,
                           capture_output=True, text=True, timeout=900)
-
-
-def assert_resumes_bit_for_bit(tmp_path: Path, algorithm: str) -> None:
-    """A run killed (SIGKILL) after epoch 1's checkpoint and restarted ends with the straight run's weights."""
-    _job(algorithm, tmp_path / "straight", 3)
-    killed = _job(algorithm, tmp_path / "killed", 3, "--kill-after-epoch", "1", check=False)
-    assert killed.returncode == -9, killed.stderr[-2000:]
-    assert (tmp_path / "killed" / "checkpoints" / "latest").read_text() == "epoch-00001"
-    assert not (tmp_path / "killed" / "done-rank0.json").exists()
-    _job(algorithm, tmp_path / "killed", 3)
-    straight = torch.load(tmp_path / "straight" / "final-rank0.pt", weights_only=True)
-    resumed = torch.load(tmp_path / "killed" / "final-rank0.pt", weights_only=True)
-    assert straight.keys() == resumed.keys()
-    for name in straight:
-        assert torch.equal(straight[name], resumed[name]), name
 
 
 def assert_two_processes_agree(tmp_path: Path, algorithm: str) -> None:

@@ -74,12 +74,12 @@ def draw_seed(seed: int, prompt: int, draw: int) -> int:
 def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
     """Optimise every prompt's noise, sample best-of-N beside it, score both with the report rewards and write
     the run folder; returns the summary (also ``summary.json``)."""
-    from mmalign.inference.report import save_grid, save_traces
     from mmalign.inference.reno import optimize_noise
+    from mmalign.inference.report import save_grid, save_traces
 
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(recipe.model_dump_json(indent=2))
+    write_text_atomic(out / "config.json", recipe.model_dump_json(indent=2))
     pipe = load_sd_pipeline(recipe.pipeline, getattr(torch, recipe.dtype)).to(recipe.device)
     adapter = StableDiffusionAdapter(pipe, recipe.guidance_scale)
     prompts = load_prompts(recipe.prompts)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from mmalign.inference import chi_regularizer, initial_noise, optimize_noise
+from mmalign.inference import chi_regularizer, optimize_noise
 from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.rewards import Reward, RewardOutput
 from mmalign.rewards.ensemble import Ensemble

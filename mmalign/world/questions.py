@@ -54,6 +54,7 @@ __all__ = [
     "JUDGE_TEMPLATE",
     "KINDS",
     "Question",
+    "checklist_questions",
     "make_question",
     "make_questions",
     "object_box",
@@ -353,3 +354,23 @@ def score(question: Question, completion: str) -> float:
         return float(box is not None and box_iou(box, question.box) >= IOU_THRESHOLD)
     mode = "numeric" if question.kind == "count" else "normalized"
     return float(answer_matches(answer, question.answer, mode))
+
+
+def checklist_questions(prompt: str, metadata: dict[str, Any]) -> list[str]:
+    """Yes/no questions whose gold answer is yes when an image shows ``metadata["scene"]`` (a Scene or its
+    dict): one judge question per counted group of objects, with its stated size and position, and the
+    relation question when the scene states one. The ``vlm_checklist`` reward's default generator."""
+    scene = metadata.get("scene") if isinstance(metadata, dict) else None
+    if scene is None:
+        raise ValueError(f"metadata['scene']: the world's checklist needs each sample's scene (a Scene or "
+                         f"Scene.to_dict()), got metadata keys {sorted(metadata)} for prompt {prompt!r}")
+    scene = Scene.from_dict(scene) if isinstance(scene, dict) else scene
+    questions = []
+    for colour, shape, _ in scene.groups():
+        group = tuple(o for o in scene.objects if (o.colour, o.shape) == (colour, shape))
+        questions.append(JUDGE_TEMPLATE.format(caption(Scene(group, scene.background), 0)))
+    if scene.relation is not None:
+        a, b = scene.objects[:2]
+        phrase = {"left of": "to the left of", "above": "above"}[scene.relation]
+        questions.append(f"Is the {a.colour} {a.shape} {phrase} the {b.colour} {b.shape}?")
+    return questions

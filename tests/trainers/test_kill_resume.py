@@ -89,19 +89,17 @@ def _vlm_job(out: Path, steps: int, *extra: str, check: bool = True):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a full fine-tuning Qwen2-VL checkpoint is saved with the checkpoint key "
-                   "layout (visual.*, model.*) and transformers' Trainer._load_from_checkpoint loads it with "
-                   "strict=False without converting the keys: every weight is missed and the resumed run trains the "
-                   "base weights again (kl 0 at step 2)")
-def test_a_killed_vlm_grpo_run_resumes_bit_for_bit(tmp_path):
-    """The recipe on TRL: killed right after the checkpoint of step 1 and started again, the straight run's
-    weights."""
-    _vlm_job(tmp_path / "straight", 2)
-    killed = _vlm_job(tmp_path / "killed", 2, "--kill-after-step", "1", check=False)
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_killed_vlm_grpo_run_resumes_bit_for_bit(tmp_path, lora):
+    """The recipe on TRL, full fine-tuning (the checkpoint's keys in the hub's layout, converted back on resume) and
+    LoRA: killed right after the checkpoint of step 1 and started again, the straight run's weights."""
+    extra = ("--lora",) if lora else ()
+    _vlm_job(tmp_path / "straight", 2, *extra)
+    killed = _vlm_job(tmp_path / "killed", 2, *extra, "--kill-after-step", "1", check=False)
     assert killed.returncode == -9, killed.stderr[-2000:]
     assert (tmp_path / "killed" / "checkpoints" / "checkpoint-1").is_dir()
     assert not (tmp_path / "killed" / "done-rank0.json").exists()
-    _vlm_job(tmp_path / "killed", 2)
+    _vlm_job(tmp_path / "killed", 2, *extra)
     assert json.loads((tmp_path / "killed" / "done-rank0.json").read_text())["steps"] == 2
     assert [r["step"] for r in _training_rows(tmp_path / "killed")] == [1, 2]
     assert_same_weights(torch.load(tmp_path / "straight" / "final-rank0.pt", weights_only=True),

@@ -15,7 +15,7 @@ from tiny_models import make_tiny_qwen25_vl, make_tiny_vlm
 from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
 from mmalign.trainers.vlm_grpo.rewards import RewardFunction, reward_functions
-from mmalign.trainers.vlm_grpo.trainer import VLMGRPOTrainer, with_video_part
+from mmalign.trainers.vlm_grpo.trainer import VLMGRPOTrainer, load_checkpoint_weights, with_video_part
 from mmalign.world.vqa import world_vqa_rows
 
 RUNNER = Path(__file__).with_name("vlm_grpo_run.py")
@@ -152,6 +152,63 @@ def test_unscorable_completions_get_zero_advantage(tmp_path):
     out = trainer._generate_and_score_completions([colour, colour, shape, shape])
     assert torch.equal(out["advantages"][:2], torch.zeros(2)) and torch.all(out["advantages"][2:] != 0)
     assert trainer._metrics["train"]["rewards/spread/nonfinite"] == [0.5]
+
+
+# -------------------------------------------------------------------------------------------- resuming
+def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return a.state_dict().keys() == b.state_dict().keys() and all(
+        torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_checkpoint_weights_come_back_through_the_models_conversions(tmp_path):
+    """save_pretrained writes Qwen2-VL's hub layout (visual.*, model.*); every weight loads back under the model's
+    names, and a checkpoint short of one is an error that names it."""
+    from safetensors.torch import load_file, save_file
+
+    saved, _ = make_tiny_vlm(seed=0)
+    saved.save_pretrained(tmp_path / "ckpt")
+    on_disk = load_file(tmp_path / "ckpt" / "model.safetensors")
+    assert any(k.startswith("visual.") for k in on_disk) and not set(on_disk) & set(saved.state_dict())
+    model, _ = make_tiny_vlm(seed=1)
+    load_checkpoint_weights(model, tmp_path / "ckpt")
+    assert _same_state(saved, model)
+
+    del on_disk["visual.merger.mlp.0.bias"]
+    (tmp_path / "short").mkdir()
+    save_file(on_disk, tmp_path / "short" / "model.safetensors")
+    with pytest.raises(ValueError, match=r"short does not hold .* 1 of the model's missing \['model.visual.merger.mlp.0.bias'\]"):
+        load_checkpoint_weights(model, tmp_path / "short")
+    with pytest.raises(FileNotFoundError, match="resume_from_checkpoint: .* has no model.safetensors"):
+        load_checkpoint_weights(model, tmp_path)
+
+
+def test_checkpoint_weights_go_through_the_models_converters(tmp_path):
+    """A conversion that changes a tensor, not only its name (a transpose of a square weight, which a shape check
+    cannot catch), is undone on load as from_pretrained undoes it."""
+    from safetensors.torch import load_file
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+    from transformers.core_model_loading import Transpose, WeightConverter
+
+    class TransposedOProj(Qwen2VLForConditionalGeneration):
+        pass
+
+    register_checkpoint_conversion_mapping("TransposedOProj", [
+        *get_checkpoint_conversion_mapping("Qwen2VLForConditionalGeneration"),
+        WeightConverter("self_attn.o_proj.weight", "self_attn.o_proj.weight", [Transpose(0, 1)]),
+    ], overwrite=True)
+    tiny, _ = make_tiny_vlm(seed=0)
+    saved = TransposedOProj(tiny.config)
+    saved.load_state_dict(tiny.state_dict())
+    saved.save_pretrained(tmp_path)
+    weight = saved.model.language_model.layers[0].self_attn.o_proj.weight
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["model.layers.0.self_attn.o_proj.weight"], weight.T)
+    model = TransposedOProj(make_tiny_vlm(seed=1)[0].config)
+    load_checkpoint_weights(model, tmp_path)
+    assert _same_state(saved, model)
 
 
 # ----------------------------------------------------------------------------------------------- video

@@ -13,6 +13,8 @@
   to every log-prob forward pass, per sample, so TRL's shuffling and splitting of a generation batch keep
   them with their rows.
 - mmalign rewards: ``RewardFunction`` adapters are moved to the trainer's device and told the group size.
+- **Resuming a full fine-tune** loads the checkpoint's weights through the model's own weight conversions, every
+  one of them or an error (``load_checkpoint_weights``): ``Trainer`` would skip those whose names differ.
 - **A clean exit** under ``accelerate launch``: the process group TRL's arguments start is destroyed when the
   interpreter exits (see ``mmalign.trainers.distributed``), so gloo's threads cannot abort the process.
 
@@ -23,8 +25,10 @@ is TRL's.
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,7 +42,7 @@ from mmalign.trainers.run import seeded_generator
 from mmalign.trainers.vlm_grpo.rewards import RewardFunction
 from mmalign.trainers.vlm_grpo.sampling import signal_groups
 
-__all__ = ["VLMGRPOTrainer", "frozen_copy"]
+__all__ = ["VLMGRPOTrainer", "frozen_copy", "load_checkpoint_weights"]
 
 _VIDEO_TEXT_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -48,6 +52,66 @@ def frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
     ref = copy.deepcopy(model)
     ref.requires_grad_(False)
     return ref.eval()
+
+
+def load_checkpoint_weights(model: torch.nn.Module, folder: str | Path) -> None:
+    """Loads the weights ``model.save_pretrained(folder)`` wrote back into ``model``, in place.
+
+    ``save_pretrained`` writes the hub's layout: it reverts the model's weight conversions (Qwen2-VL's
+    ``model.language_model.*`` and ``model.visual.*`` are saved as ``model.*`` and ``visual.*``). ``from_pretrained``
+    applies them again; ``Trainer`` resumes with ``load_state_dict(strict=False)``, which skips every renamed weight
+    with a log line (transformers issue #43701). Here the checkpoint's keys go through the same conversions
+    (``get_model_conversion_mapping``: renamings, then converters) and every weight of the model must come back,
+    tied copies aside, with nothing left over.
+    """
+    from safetensors.torch import load_file
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    folder = Path(folder)
+    index = folder / SAFE_WEIGHTS_INDEX_NAME
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SAFE_WEIGHTS_NAME]
+    absent = [name for name in files if not (folder / name).is_file()]
+    if absent:
+        raise FileNotFoundError(
+            f"resume_from_checkpoint: {folder} has no {', '.join(absent)}; expected the weights save_pretrained writes "
+            f"({SAFE_WEIGHTS_NAME}, or {SAFE_WEIGHTS_INDEX_NAME} and its shards)"
+        )
+    saved: dict[str, torch.Tensor] = {}
+    for name in files:
+        saved.update(load_file(folder / name))
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
+    own = model.state_dict()
+    weights: dict[str, torch.Tensor] = {}
+    pending: dict[str, WeightConverter] = {}
+    for key in sorted(saved, key=dot_natural_key):  # converters that stack lists need them in order
+        renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if pattern is None:
+            weights[renamed] = saved[key]
+        else:
+            pending.setdefault(renamed, copy.deepcopy(by_pattern[pattern])).add_tensor(renamed, key, pattern, saved[key])
+    for first, converter in pending.items():
+        for name, value in converter.convert(first, model=model, config=model.config).items():
+            weights[name] = value[0] if isinstance(value, list) else value
+
+    missing = sorted(set(own) - set(weights) - set(model.all_tied_weights_keys))
+    unexpected = sorted(set(weights) - set(own))
+    if missing or unexpected:
+        raise ValueError(
+            f"resume_from_checkpoint: {folder} does not hold this model's weights after its weight conversions: "
+            f"{len(missing)} of the model's missing {missing[:3]}, {len(unexpected)} not in the model {unexpected[:3]}"
+        )
+    model.load_state_dict(weights, strict=False)  # only tied copies are left out, and they share the tensors
 
 
 @dataclass
@@ -222,6 +286,14 @@ class VLMGRPOTrainer(GRPOTrainer):
 
             return prepare_fsdp(ref, self.accelerator)
         return self.accelerator.prepare_model(ref, evaluation_mode=True)
+
+    # ------------------------------------------------------------------------------------- resuming
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """A full fine-tune's weights through ``load_checkpoint_weights``; adapters and FSDP as ``Trainer`` does."""
+        model = self.model if model is None else model
+        if is_peft_model(model) or self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_checkpoint_weights(model, resume_from_checkpoint)
 
     # ------------------------------------------------------------------------------ dynamic sampling
     @staticmethod

@@ -13,6 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from diffusion_run import ALGORITHMS, _job, run  # noqa: E402
+from vlm_grpo_run import config as vlm_config  # noqa: E402
 
 from mmalign.eval.generator import load_run_pipeline  # noqa: E402
 from mmalign.trainers.lora import trainable_state  # noqa: E402
@@ -137,3 +138,30 @@ def test_nonfinite_rewards_are_dropped_counted_and_logged(tmp_path, algorithm):
     rows = _training_rows(tmp_path / "run")
     assert [r["skipped_nonfinite"] for r in rows] == [2, 2]
     assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward/mean"]) for r in rows)
+
+
+def test_nonfinite_vlm_grpo_rewards_are_dropped_counted_and_logged(tmp_path):
+    """The VLM GRPO recipe with a NaN and an Inf in every call of one reward (8 completions a call): those
+    completions are scored by the other reward only, the share is logged in metrics.jsonl, and the weights
+    train and stay finite."""
+    from tiny_models import make_tiny_vlm
+
+    from mmalign.trainers.vlm_grpo.recipe import VLMGRPORecipeTrainer
+
+    cfg = vlm_config(str(tmp_path / "run"), 2)
+    cfg = cfg.model_copy(update={"grpo": {**cfg.grpo, "per_device_train_batch_size": 8}})
+    model, processor = make_tiny_vlm(seed=0)
+    initial = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    runner = VLMGRPORecipeTrainer(cfg, model, processor, progress=False)
+    runner.setup()
+    accuracy = runner.functions[0]
+    accuracy.reward.forward = Poisoned(accuracy.reward.forward)
+    runner.train()
+    weights = runner.trainer.accelerator.unwrap_model(runner.trainer.model).state_dict()
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(not torch.equal(initial[k], v) for k, v in weights.items()), "nothing was trained"
+    rows = _training_rows(tmp_path / "run")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["rewards/world_accuracy/nonfinite"] for r in rows] == [0.25, 0.25]
+    assert [r["rewards/length_penalty/nonfinite"] for r in rows] == [0.0, 0.0]
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["reward"]) for r in rows)

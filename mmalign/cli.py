@@ -154,7 +154,13 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
         from mmalign.world.assets import proxy_path
 
         model = proxy_path()
-    rows = bench_rewards(model, args.batch_sizes, args.images, args.image_size, repeats=args.repeats)
+    judge = args.judge
+    if judge is None:
+        from mmalign.world.vlm import vlm_path
+
+        judge = vlm_path()
+    rows = bench_rewards(model, args.batch_sizes, args.images, args.image_size, repeats=args.repeats,
+                         judge=None if judge == "none" else judge)
     print(format_rows(rows))
     if args.out:
         write_rows(rows, args.out)
@@ -326,11 +332,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks: figures with the ratio to a reference measured in the same run")
     benches = bench.add_subparsers(dest="what", metavar="WHAT", required=True)
     rewards_bench = benches.add_parser(
-        "rewards", help="images/s of CLIP-family rewards vs a naive one-image PIL loop",
+        "rewards", help="images/s of CLIP-family rewards and vqascore vs naive one-image loops",
         description="images/s of mmalign's CLIP-family rewards at several batch sizes beside a naive loop (PIL "
         "preprocessing, one image and prompt at a time) on the same model and images.",
     )
     rewards_bench.add_argument("--model", help="OpenCLIP folder (default: the world's proxy)")
+    rewards_bench.add_argument("--judge", help="VLM hub id or folder for vqascore against one pair at a time "
+                               "(default: the world's VLM; 'none' skips it)")
     rewards_bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
     rewards_bench.add_argument("--images", type=int, default=64, help="images per measurement")
     rewards_bench.add_argument("--image-size", type=int, default=64, help="side of the random test images")

@@ -1,8 +1,11 @@
-"""``mmalign bench rewards``: images/s of CLIP-family rewards against a naive loop, measured in one run.
+"""``mmalign bench rewards``: images/s of CLIP-family rewards and the VQAScore judge against naive loops,
+measured in one run.
 
 The naive loop is what scripts usually do: one image at a time, PIL round-trip through the model's own
 preprocessing transform, the prompt re-encoded every time. mmalign's rewards batch, preprocess on tensors and
-cache text embeddings. Both paths run on the same images and prompts, so the ratio is what a user gains.
+cache text embeddings. For the VLM judge the naive loop is what the VQAScore package does: one (image, prompt)
+pair per teacher-forced forward through the processor, logits over the whole sequence. Both paths run on the
+same images, prompts and model, so the ratio is what a user gains.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from mmalign.media import MediaBatch
 from mmalign.rewards import build
 
-__all__ = ["BenchRow", "bench_rewards", "format_rows", "naive_clip_loop"]
+__all__ = ["BenchRow", "bench_rewards", "format_rows", "naive_clip_loop", "naive_vqascore_loop"]
 
 
 @dataclass
@@ -56,6 +59,30 @@ def naive_clip_loop(model_dir: str | Path) -> Callable[[MediaBatch], torch.Tenso
     return run
 
 
+def naive_vqascore_loop(reward) -> Callable[[MediaBatch], torch.Tensor]:
+    """The reference for ``vqascore`` on ``reward``'s model and processor: one pair per forward, PIL images
+    through the processor, the full sequence's logits, log-softmax, the answer tokens' geometric mean."""
+    model, processor = reward.model, reward.processor
+    answer = processor.tokenizer(reward.answer, add_special_tokens=False)["input_ids"]
+    n = len(answer)
+
+    def run(batch: MediaBatch) -> torch.Tensor:
+        scores = []
+        with torch.no_grad():
+            for image, prompt in zip(batch.to_pil(), batch.prompts):
+                inputs = processor(text=[reward.context(reward.template.format(prompt=prompt))], images=[image],
+                                   return_tensors="pt")
+                for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                    if key in inputs:
+                        tail = {"input_ids": answer, "attention_mask": [1] * n}.get(key, [0] * n)
+                        inputs[key] = torch.cat([inputs[key], torch.tensor([tail])], 1)
+                logp = model(**inputs.to(model.device)).logits[0, -n - 1 : -1].float().log_softmax(-1)
+                scores.append(logp.gather(-1, torch.tensor(answer, device=model.device)[:, None]).mean().exp())
+        return torch.stack(scores)
+
+    return run
+
+
 def _images_per_s(fn: Callable[[MediaBatch], object], batches: Sequence[MediaBatch], repeats: int) -> float:
     fn(batches[0])  # warm-up: lazy initialisation and the text cache's first fill are not throughput
     start = time.perf_counter()
@@ -72,8 +99,10 @@ def bench_rewards(
     image_size: int = 64,
     n_prompts: int = 8,
     repeats: int = 1,
+    judge: str | None = None,
 ) -> list[BenchRow]:
-    """CLIP score and goal-baseline projection on the OpenCLIP model in ``model_dir``, at each batch size.
+    """CLIP score and goal-baseline projection on the OpenCLIP model in ``model_dir``, and ``vqascore`` on the
+    VLM ``judge`` (hub id or folder; None skips it), at each batch size.
 
     Images are random at ``image_size`` (so both paths resize); ``n_prompts`` distinct prompts repeat across
     the set, as a training batch's prompts do.
@@ -94,6 +123,12 @@ def bench_rewards(
             for size in batch_sizes:
                 batches = [full[i : i + size] for i in range(0, n_images, size)]
                 rows.append(BenchRow(name, size, _images_per_s(reward, batches, repeats), naive_rate))
+        if judge is not None:
+            vqascore = build({"name": "vqascore", "model": judge})
+            naive_rate = _images_per_s(naive_vqascore_loop(vqascore), [full[:16]], repeats)
+            for size in batch_sizes:
+                batches = [full[i : i + size] for i in range(0, n_images, size)]
+                rows.append(BenchRow("vqascore", size, _images_per_s(vqascore, batches, repeats), naive_rate))
     return rows
 
 

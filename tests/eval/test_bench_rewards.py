@@ -26,3 +26,16 @@ def test_bench_rows_and_command(tiny_open_clip_dir, tmp_path, capsys):
                  "--out", str(out)]) == 0
     assert "speedup" in capsys.readouterr().out
     assert json.loads(out.read_text())["rows"][0]["batch_size"] == 2
+
+
+def test_naive_vqascore_loop_scores_what_the_judge_scores():
+    """The one-pair-at-a-time reference of the judge bench: same model, same scores as the batched vqascore."""
+    import torch
+
+    from mmalign.eval.bench_rewards import naive_vqascore_loop
+    from mmalign.rewards import build
+    from mmalign.world.vlm import vlm_path
+
+    reward = build({"name": "vqascore", "model": vlm_path()})
+    batch = MediaBatch.from_pil(MediaBatch(torch.rand(3, 3, 32, 32), ["a", "b", "c"]).to_pil(), ["a red circle", "x", "two"])
+    torch.testing.assert_close(reward(batch).scores, naive_vqascore_loop(reward)(batch), rtol=1e-4, atol=1e-7)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmalign import __version__
+from mmalign.config import positive_int
 from mmalign.eval.preference import PROTOCOLS
 
 __all__ = ["main", "build_parser"]
@@ -154,6 +155,9 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
         from mmalign.world.assets import proxy_path
 
         model = proxy_path()
+    elif not Path(model).is_dir():
+        raise ValueError(f"--model: expected an OpenCLIP folder (open_clip_config.json and weights), got {model!r}, "
+                         "which is not a directory")
     judge = args.judge
     if judge is None:
         from mmalign.world.vlm import vlm_path
@@ -282,8 +286,20 @@ def _recipe_command(sub, name: str, func, help: str, description: str) -> None:
     command.set_defaults(func=func)
 
 
+class _UsageError(Exception):
+    """A command line argparse rejects, as one line: ``mmalign eval generator: argument --n: expected …``."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors (a bad flag value, a missing argument) end like every other bad input: one
+    line on stderr and status 2 from ``main``, instead of the usage text and ``SystemExit``."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="mmalign", description="Align image and video generators and vision-language models with rewards."
     )
     parser.add_argument("--version", action="version", version=f"mmalign {__version__}")
@@ -339,10 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
     rewards_bench.add_argument("--model", help="OpenCLIP folder (default: the world's proxy)")
     rewards_bench.add_argument("--judge", help="VLM hub id or folder for vqascore against one pair at a time "
                                "(default: the world's VLM; 'none' skips it)")
-    rewards_bench.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32])
-    rewards_bench.add_argument("--images", type=int, default=64, help="images per measurement")
-    rewards_bench.add_argument("--image-size", type=int, default=64, help="side of the random test images")
-    rewards_bench.add_argument("--repeats", type=int, default=1)
+    rewards_bench.add_argument("--batch-sizes", type=positive_int, nargs="+", default=[1, 8, 32])
+    rewards_bench.add_argument("--images", type=positive_int, default=64, help="images per measurement")
+    rewards_bench.add_argument("--image-size", type=positive_int, default=64, help="side of the random test images")
+    rewards_bench.add_argument("--repeats", type=positive_int, default=1)
     rewards_bench.add_argument("--out", help="write the figures as JSON")
     rewards_bench.set_defaults(func=_cmd_bench_rewards)
     train_bench = benches.add_parser(
@@ -357,12 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.add_argument("--algorithms", nargs="+", help="task names or draft-all[+ckpt], direct-align[+ckpt] "
                              "(default: prdp, ddpo, diffusion_grpo and the four back-propagation variants)")
     train_bench.add_argument("--backprop-reward", default="proxy", help="the back-propagation trainer's reward")
-    train_bench.add_argument("--prompts", type=int, default=2, help="prompts per epoch")
-    train_bench.add_argument("--samples-per-prompt", type=int, default=4)
-    train_bench.add_argument("--epochs", type=int, default=4, help="epochs per algorithm (the first is not timed)")
+    train_bench.add_argument("--prompts", type=positive_int, default=2, help="prompts per epoch")
+    train_bench.add_argument("--samples-per-prompt", type=positive_int, default=4)
+    train_bench.add_argument("--epochs", type=positive_int, default=4, help="epochs per algorithm (the first is not timed)")
     train_bench.add_argument("--prdp-paths", action="store_true", help="also PRDP's two backward paths")
-    train_bench.add_argument("--group-sizes", type=int, nargs="+", default=[4, 8, 16], help="B for --prdp-paths")
-    train_bench.add_argument("--steps", type=int, default=10, help="DDIM steps of the trajectories")
+    train_bench.add_argument("--group-sizes", type=positive_int, nargs="+", default=[4, 8, 16], help="B for --prdp-paths")
+    train_bench.add_argument("--steps", type=positive_int, default=10, help="DDIM steps of the trajectories")
     train_bench.add_argument("--device", default="cpu")
     train_bench.set_defaults(func=_cmd_bench_train)
     from mmalign.inference import bench as optimize_bench_module
@@ -393,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     reward.add_argument("--pairs", required=True, help="pairs.jsonl: {prompt, a, b, label} or {prompt, images, ranks}")
     reward.add_argument("--reward", action="append", required=True, help="reward name or JSON spec; repeat")
     reward.add_argument("--protocol", action="append", choices=PROTOCOLS, help="default: all three")
-    reward.add_argument("--batch-size", type=int, default=32)
+    reward.add_argument("--batch-size", type=positive_int, default=32)
     reward.add_argument("--device", default="cpu")
     reward.add_argument("--out", help="write the table as JSON")
     reward.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -407,12 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--run", help="training run folder (its config, base pipeline and exported weights)")
     generator.add_argument("--pipeline", help="'world', a hub id or a pipeline folder")
     generator.add_argument("--split", choices=["train", "heldout"], default="heldout", help="world prompt split")
-    generator.add_argument("--n", type=int, default=64, help="world prompts")
+    generator.add_argument("--n", type=positive_int, default=64, help="world prompts")
     generator.add_argument("--prompt-seed", type=int, default=1)
     generator.add_argument("--prompts", help="prompt file (.txt or .jsonl) instead of the world")
-    generator.add_argument("--samples-per-prompt", type=int, default=4)
+    generator.add_argument("--samples-per-prompt", type=positive_int, default=4)
     generator.add_argument("--reward", action="append", help="reward name or JSON spec; default: gold")
-    generator.add_argument("--steps", type=int, help="DDIM steps (default: the run's, else 20)")
+    generator.add_argument("--steps", type=positive_int, help="DDIM steps (default: the run's, else 20)")
     generator.add_argument("--eta", type=float, help="DDIM η (default: the run's, else 1)")
     generator.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's, else 5)")
     generator.add_argument("--seed", type=int, default=1234, help="noise seed")
@@ -430,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except _UsageError as err:
+        print(err, file=sys.stderr)
+        return 2
     try:
         return int(args.func(args) or 0)
     except ValueError as err:  # RecipeError and input validation: a message, not a traceback

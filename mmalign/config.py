@@ -9,10 +9,11 @@ is installed.
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import typing
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -29,10 +30,12 @@ __all__ = [
     "check_device",
     "find_recipe",
     "import_object",
+    "int_at_least",
     "list_recipes",
     "load_recipe",
     "validate_recipe",
     "parse_overrides",
+    "positive_int",
     "recipes_dir",
 ]
 
@@ -94,6 +97,26 @@ def check_device(device: Any, name: str = "device") -> Any:
         raise ValueError(f"{name}: expected 'cpu' or one of the {torch.cuda.device_count()} CUDA device(s) of this "
                          f"machine, got {device!r}")
     return device
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type=`` for a count flag: the int ``text`` spells when it is at least ``minimum``, else an
+    error argparse reports with the flag's name (``argument --steps: expected an int >= 1, got '0'``)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+#: the ``type=`` of flags that count something there must be one of at least (steps, prompts, batch sizes)
+positive_int = int_at_least(1)
 
 
 def recipes_dir() -> Path:

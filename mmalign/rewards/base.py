@@ -74,6 +74,11 @@ class Reward(nn.Module):
     scope: Scope = "sample"
     differentiable: bool = False
 
+    def __init__(self) -> None:
+        """No options: a reward's options are its constructor's parameters (the registry checks specs against
+        them), so one that defines no constructor takes none, rather than ``nn.Module``'s ``*args, **kwargs``."""
+        super().__init__()
+
     def forward(self, batch: MediaBatch) -> RewardOutput:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(batch) -> RewardOutput")
 

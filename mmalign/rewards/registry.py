@@ -156,7 +156,7 @@ def _build_one(spec: Mapping[str, Any]) -> tuple[float, Reward]:
         for key in unknown:
             close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
             hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        raise ValueError(f"reward {name!r}: unknown option {', '.join(hints)}; accepted: {', '.join(valid)}")
+        raise ValueError(f"reward {name!r}: unknown option {', '.join(hints)}; accepted: {', '.join(valid) or 'none'}")
     required = [p for p, param in params.items() if param.default is inspect.Parameter.empty
                 and param.kind in (param.POSITIONAL_OR_KEYWORD, param.KEYWORD_ONLY) and p not in kwargs]
     if required:

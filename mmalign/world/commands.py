@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from mmalign.config import int_at_least, positive_int
+
 __all__ = ["add_world_parser"]
 
 
@@ -120,20 +122,20 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
                                        "generator build resumes from its checkpoints when run again.")
     build.add_argument("--only", choices=("generator", "proxy", "preference", "vlm"))
     build.add_argument("--out", help="folder for pipeline/, proxy/, preference/ and vlm/ (default: the package's assets)")
-    build.add_argument("--steps", type=int, help="override every stage's steps (smoke tests)")
-    build.add_argument("--threads", type=int,
+    build.add_argument("--steps", type=positive_int, help="override every stage's steps (smoke tests)")
+    build.add_argument("--threads", type=positive_int,
                        help="torch threads per process (default: the CPUs over the processes; the VLM uses 1)")
     build.add_argument("--sequential", action="store_true",
                        help="build the models one after another in one process (default: the generator here, "
                             "the proxy and VLM in a second process)")
-    build.add_argument("--eval-prompts", type=int, default=96,
+    build.add_argument("--eval-prompts", type=int_at_least(0), default=96,
                        help="prompts per split to evaluate the generator and proxy on; 0 skips")
     build.add_argument("--quiet", action="store_true", help="no progress bars")
     build.set_defaults(func=_cmd_build)
 
     sample = sub.add_parser("sample", help="sample the generator; grid with the gold verdict under each image")
     _add_selection(sample, 8)
-    sample.add_argument("--steps", type=int, help="DDIM steps (default: the shipped sampler's)")
+    sample.add_argument("--steps", type=positive_int, help="DDIM steps (default: the shipped sampler's)")
     sample.add_argument("--guidance", type=float, help="classifier-free guidance scale")
     sample.add_argument("--pipeline", help="pipeline folder (default: the shipped one)")
     sample.add_argument("--device", default="cpu")

@@ -4,6 +4,7 @@ names the culprit (#24). Every case fails before a model is loaded or a grid is 
 import pytest
 
 from mmalign.cli import main
+from mmalign.rewards import build
 from mmalign.world.captions import scene_from_prompt
 from mmalign.world.render import render
 from mmalign.world.scenes import Scene, SceneObject
@@ -20,6 +21,9 @@ CASES = [
     (["sample", "--prompt", "", "--n", "1"], "prompt: expected a caption of the world grammar"),
     (["sample", "--prompt", "a red circle", "--n", "1", "--pipeline", "{tmp}/missing"], "pipeline: expected a pipeline folder"),
     (["sample", "--prompt", "a red circle", "--n", "1", "--device", "nodevice"], "device: expected a torch device"),
+    (["sample", "--prompt", "a red circle", "--n", "1", "--steps", "0"], "argument --steps: expected an int >= 1, got '0'"),
+    (["build", "--threads", "0"], "argument --threads: expected an int >= 1, got '0'"),
+    (["build", "--eval-prompts", "-1"], "argument --eval-prompts: expected an int >= 0, got '-1'"),
     (["verify", "{tmp}/missing.png", "--prompt", "a red circle"], "missing.png"),
     (["verify", "{tmp}/broken.png", "--prompt", "a red circle"], "broken.png"),
     (["verify", "{tmp}/grid.png", "--scene", ""], "--scene: expected a scene as JSON"),
@@ -38,7 +42,7 @@ def test_world_command_bad_input_is_one_line_and_status_2(argv, expected, tmp_pa
     assert main(["world", *argv, *out]) == 2
     err = capsys.readouterr().err.strip()
     assert expected.replace("{tmp}", str(tmp_path)) in err
-    assert err.startswith("mmalign world: ") and len(err.splitlines()) == 1, err
+    assert err.startswith(("mmalign world: ", f"mmalign world {argv[0]}: ")) and len(err.splitlines()) == 1, err
 
 
 def test_render_out_makes_its_folder(tmp_path):
@@ -52,6 +56,7 @@ API = [
     (lambda: Scene.from_dict({"objects": ["red circle"]}), ValueError, "objects\\[0\\]: expected a dict with 'shape'"),
     (lambda: SceneObject("circle", "red", scale="big"), ValueError, "scale: expected a number .* got 'big'"),
     (lambda: render("a red circle"), TypeError, "scene: expected a Scene, got str"),
+    (lambda: build({"name": "gold", "threshold": 1}), ValueError, "reward 'gold': unknown option 'threshold'; accepted: none"),
 ]
 
 

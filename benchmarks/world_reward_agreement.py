@@ -4,7 +4,9 @@ Samples the shipped generator on held-out prompts and labels every pair of sampl
 (``write_gold_pairs``), trains extra proxies from other seeds as ensemble members (a deep ensemble; cached in
 the output folder), then prints the pairwise accuracy of each member, of the ensemble in its mean / UWO / WCO
 modes and of Ctrl-U weighting, under the HPDv2, Pick-a-Pic and ImageReward protocols. ``gold`` itself is
-scored as a check: it must agree with its own labels.
+scored as a check: it must agree with its own labels. With ``--judges`` it adds the preference proxy and the
+VLM judges on the world's VLM, and prints each reward's AUROC of matched (image, own prompt) against
+mismatched (image, the next prompt's prompt, where that prompt does not hold by gold) beside its accuracy.
 
     python benchmarks/world_reward_agreement.py --out outputs/world-reward-agreement
 """
@@ -36,6 +38,48 @@ def member_folders(out: Path, members: int, steps: int | None) -> list[str]:
     return folders
 
 
+def judge_specs() -> dict:
+    """The VLM judges on the world's VLM, asked in its own markup (``<answer>yes``)."""
+    from mmalign.world.questions import JUDGE_TEMPLATE
+    from mmalign.world.vlm import vlm_path
+
+    world = {"model": vlm_path(), "answer_prefix": "<answer>"}
+    return {
+        "vqascore": {"name": "vqascore", "template": JUDGE_TEMPLATE.format("{prompt}"), "answer": "yes", **world},
+        "vqascore_default_template": {"name": "vqascore", **world},
+        "checklist": {"name": "vlm_checklist", "answer": "yes", **world},
+        "prompt_echo": {"name": "prompt_echo", **world},
+    }
+
+
+def matched_auroc(records, rewards: dict, batch_size: int = 64) -> dict[str, float]:
+    """AUROC per reward of each distinct image with its own prompt against the next prompt's (dropped where
+    that prompt's scene holds for the image by gold)."""
+    from mmalign.eval.agreement import auroc
+    from mmalign.eval.reward_accuracy import records_batch
+    from mmalign.eval.scoring import score_batch
+    from mmalign.media import MediaBatch
+    from mmalign.rewards import build
+
+    batch = records_batch(records)
+    seen, keep = set(), []
+    for i, meta in enumerate(batch.metadata):
+        key = (batch.prompts[i], meta["file"])
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    own = batch[keep]
+    prompts = list(dict.fromkeys(own.prompts))
+    scene = {p: m for p, m in zip(own.prompts, own.metadata)}
+    nxt = [prompts[(prompts.index(p) + 1) % len(prompts)] for p in own.prompts]
+    other = MediaBatch(own.pixels, nxt, [scene[p] for p in nxt])
+    holds = build("gold")(other).scores == 1.0
+    mismatched = other[[i for i in range(len(other)) if not holds[i]]]
+    pos = score_batch(rewards, own, batch_size, False)
+    neg = score_batch(rewards, mismatched, batch_size, False)
+    return {name: auroc(torch.as_tensor(pos[name]), torch.as_tensor(neg[name])) for name in rewards}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="outputs/world-reward-agreement")
@@ -44,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--members", type=int, default=3, help="proxies in the ensemble (the shipped one first)")
     parser.add_argument("--proxy-steps", type=int, help="training steps of the extra proxies (default: the shipped recipe's)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--judges", action="store_true", help="also the preference proxy and the VLM judges, with "
+                        "their AUROC on matched vs mismatched prompts")
     args = parser.parse_args(argv)
 
     from mmalign.eval.preference import read_pairs
@@ -70,6 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ctrl_u_0.1": {"name": "uncertainty_weighted", "lam": 0.1,
                        "reward": {"name": "ensemble", "members": members, "mode": "mean"}},
     })
+    if args.judges:
+        specs.update({"preference_proxy": "preference_proxy", **judge_specs()})
     rewards = {name: build(spec) for name, spec in specs.items()}
     records = read_pairs(pairs)
     if not records:
@@ -81,7 +129,14 @@ def main(argv: list[str] | None = None) -> dict:
     table = reward_accuracy(records, rewards, batch_size=64)
     print(f"{len(records)} gold-labelled pairs from {args.prompts} held-out prompts x {args.samples} samples")
     print(format_accuracy(table))
-    result = {"pairs": len(records), "prompts": args.prompts, "samples_per_prompt": args.samples,
+    aurocs = {}
+    if args.judges:
+        judged = ["gold", "proxy_seed1", "preference_proxy", *judge_specs()]
+        aurocs = matched_auroc(records, {name: rewards[name] for name in judged})
+        print(f"{'reward':<28} {'pairwise (hpdv2)':>16} {'AUROC matched':>14}")
+        for name in judged:
+            print(f"{name:<28} {table[name]['hpdv2']:>16.3f} {aurocs[name]:>14.3f}")
+    result = {"auroc_matched": aurocs, "pairs": len(records), "prompts": args.prompts, "samples_per_prompt": args.samples,
               "members": folders, "accuracy": table, "seconds": round(time.perf_counter() - start, 1),
               "load_average": [load, os.getloadavg()]}
     (out / "agreement.json").write_text(json.dumps(result, indent=2) + "\n")

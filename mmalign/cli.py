@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mmalign import __version__
-from mmalign.config import positive_int
+from mmalign.config import int_at_least, positive_int
 from mmalign.eval.preference import PROTOCOLS
 
 __all__ = ["main", "build_parser"]
@@ -143,6 +143,22 @@ def _cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reward_train_artifact(args: argparse.Namespace) -> int:
+    from mmalign.eval.artifact import train_artifact_classifier
+
+    encoder = _parse_reward(args.encoder, "--encoder", "an OpenCLIP name or folder") if args.encoder else None
+    figures = train_artifact_classifier(
+        args.clean, args.artifact, args.out, encoder, steps=args.steps, hidden=args.hidden, heldout=args.heldout,
+        seed=args.seed, batch_size=args.batch_size, size=args.size,
+        on_error="skip" if args.skip_unreadable else "stop", device=args.device, progress=not args.quiet,
+    )
+    clean, artifact = figures["clean"], figures["artifact"]
+    print(f"held-out AUROC {figures['heldout_auroc']:.4f} ({clean['heldout']} clean, {artifact['heldout']} artifact "
+          f"images held out; train AUROC {figures['train_auroc']:.4f} on {clean['train']} + {artifact['train']})")
+    print(f"wrote {args.out}  (reward spec: {{name: artifact_classifier, path: {args.out}}})")
+    return 0
+
+
 def _interval(stats: dict) -> str:
     return f"{stats['mean']:+.4f} [{stats['ci_low']:+.4f}, {stats['ci_high']:+.4f}]"
 
@@ -266,14 +282,14 @@ def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[
     return None, list(items)
 
 
-def _parse_reward(text: str) -> str | dict:
-    """``clip`` or a JSON object such as ``{"name": "clip", "model": "ViT-B-32"}``."""
+def _parse_reward(text: str, flag: str = "--reward", what: str = "a reward name") -> str | dict:
+    """``clip`` or a JSON object such as ``{"name": "clip", "model": "ViT-B-32"}`` (``flag``'s value)."""
     text = text.strip()
     if text.startswith(("{", "[")):
         try:
             return json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"--reward: expected a reward name or a JSON object, got {text!r} ({err})") from None
+            raise ValueError(f"{flag}: expected {what} or a JSON object, got {text!r} ({err})") from None
     return text
 
 
@@ -309,6 +325,33 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.set_defaults(func=_cmd_recipes)
     rewards = sub.add_parser("rewards", help="list the rewards that specs can name")
     rewards.set_defaults(func=_cmd_rewards)
+
+    reward_group = sub.add_parser("reward", help="train rewards").add_subparsers(
+        dest="what", metavar="WHAT", required=True
+    )
+    train_artifact = reward_group.add_parser(
+        "train-artifact", help="train the artifact classifier from a clean and an artifact folder",
+        description="Train artifact_classifier: embed both folders with a frozen CLIP image encoder, fit a small "
+        "head on a seeded split, print the held-out AUROC and save the head (safetensors + config.json) as --out, "
+        "which a recipe names as {name: artifact_classifier, path: OUT}.",
+    )
+    train_artifact.add_argument("--clean", required=True, help="folder of images without artifacts")
+    train_artifact.add_argument("--artifact", required=True, help="folder of images with artifacts")
+    train_artifact.add_argument("--out", required=True, help="folder to write the head into")
+    train_artifact.add_argument("--encoder", help="OpenCLIP name or folder, or a JSON object {backend, model, "
+                                "pretrained, processor} (default: OpenCLIP ViT-B-32/openai)")
+    train_artifact.add_argument("--steps", type=positive_int, default=300, help="AdamW steps on the head")
+    train_artifact.add_argument("--hidden", type=int_at_least(0), default=0,
+                                help="width of the head's hidden layer (0: logistic regression)")
+    train_artifact.add_argument("--heldout", type=float, default=0.2, help="fraction of each folder held out")
+    train_artifact.add_argument("--seed", type=int, default=0, help="seed of the split and the head's start")
+    train_artifact.add_argument("--batch-size", type=positive_int, default=32, help="images per encoder call")
+    train_artifact.add_argument("--size", type=positive_int, help="resize images to a square of this size")
+    train_artifact.add_argument("--skip-unreadable", action="store_true",
+                                help="leave out files that are not readable images, with a warning (default: stop)")
+    train_artifact.add_argument("--device", default="cpu")
+    train_artifact.add_argument("--quiet", action="store_true", help="no progress bars")
+    train_artifact.set_defaults(func=_cmd_reward_train_artifact)
 
     score = sub.add_parser(
         "score",

@@ -29,6 +29,7 @@ _BUILTIN: dict[str, str] = {
     "pickscore": "mmalign.rewards.pickscore:PickScore",
     "hpsv2": "mmalign.rewards.hps:HPSv2",
     "aesthetic": "mmalign.rewards.aesthetic:LaionAesthetic",
+    "artifact_classifier": "mmalign.rewards.artifact:ArtifactClassifier",
     "goal_baseline": "mmalign.rewards.vlmrm:GoalBaselineReward",
     "answer_accuracy": "mmalign.rewards.rules:AnswerAccuracy",
     "box_iou": "mmalign.rewards.rules:BoxIoU",

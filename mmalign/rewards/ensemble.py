@@ -19,7 +19,7 @@ from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
 from mmalign.rewards.composite import unique_names, widest_scope
 
-__all__ = ["Ensemble", "UncertaintyWeighted"]
+__all__ = ["Ensemble", "UncertaintyWeighted", "as_reward"]
 
 EnsembleMode = Literal["mean", "uwo", "wco"]
 RewardLike = Reward | str | Mapping[str, Any]
@@ -27,7 +27,7 @@ _MODES = ("mean", "uwo", "wco")
 _MIN_STD = 1e-6  # a member whose running std is below this is divided by it instead (constant members → 0)
 
 
-def _as_reward(spec: RewardLike) -> Reward:
+def as_reward(spec: RewardLike) -> Reward:
     """A Reward as is; a name or ``{"name": ..., **options}`` built through the registry (for recipes)."""
     if isinstance(spec, Reward):
         return spec
@@ -80,7 +80,7 @@ class Ensemble(Reward):
             raise ValueError(
                 f"momentum: expected None (pool all batches) or a number in (0, 1], got {momentum!r}"
             )
-        self.members = nn.ModuleList(_as_reward(m) for m in members)
+        self.members = nn.ModuleList(as_reward(m) for m in members)
         self.member_names = unique_names(self.members)
         self.mode, self.lam, self.standardize, self.momentum = (
             mode,
@@ -188,7 +188,7 @@ class UncertaintyWeighted(Reward):
             raise ValueError(
                 f"repeats: expected None (use the reward's uncertainty) or an int >= 2, got {repeats!r}"
             )
-        self.reward = _as_reward(reward)
+        self.reward = as_reward(reward)
         self.lam, self.repeats = _check_lam(lam), repeats
         self.scope, self.differentiable = self.reward.scope, self.reward.differentiable
 

@@ -6,13 +6,15 @@ as ``read_prompts`` and ``MediaBatch.from_folder`` with a ``prompts.jsonl`` prov
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import torch
 
 from mmalign.media import MediaBatch
 from mmalign.rewards.base import Reward, RewardOutput
 from mmalign.world.verify import verify_batch
 
-__all__ = ["ATTRIBUTE_KINDS", "GoldReward"]
+__all__ = ["ATTRIBUTE_KINDS", "GoldReward", "kind_components"]
 
 #: Kinds of checks, the names of the reward's components.
 ATTRIBUTE_KINDS: tuple[str, ...] = ("colour", "shape", "position", "size", "count", "relation", "background")
@@ -45,18 +47,26 @@ class GoldReward(Reward):
             scenes.append(meta["scene"])
         pixels = batch.pixels.detach().float()
         results = verify_batch(pixels.expand(-1, 3, -1, -1) if pixels.shape[1] == 1 else pixels, scenes)
-        tallies = [{kind: [0, 0] for kind in ATTRIBUTE_KINDS} for _ in results]  # [passed, stated]
-        for result, tally in zip(results, tallies):
-            for name, ok in result.checks.items():
-                counts = tally[name.split(".")[-1]]
-                counts[0] += ok
-                counts[1] += 1
-        components, info = {}, {}
-        for kind in ATTRIBUTE_KINDS:
-            rates = [t[kind][0] / t[kind][1] if t[kind][1] else 1.0 for t in tallies]
-            components[kind] = torch.tensor(rates, dtype=torch.float32, device=batch.device)
-            stated = sum(t[kind][1] for t in tallies)
-            if stated:
-                info[f"{kind}_rate"] = sum(t[kind][0] for t in tallies) / stated
+        components, info = kind_components([r.checks for r in results], ATTRIBUTE_KINDS, batch.device)
         scores = torch.tensor([r.score for r in results], dtype=torch.float32, device=batch.device)
         return RewardOutput(scores, components, info=info)
+
+
+def kind_components(checks: Sequence[Mapping[str, float]], kinds: Sequence[str], device: torch.device | str):
+    """``(components, info)`` of per-sample checks named ``...{kind}`` (each a pass, or a pass rate in [0, 1]):
+    per kind the ``(B,)`` mean over that sample's checks of the kind (1 where it states none), and
+    ``{kind}_rate`` over the samples that state the kind."""
+    tallies = [{kind: [0.0, 0] for kind in kinds} for _ in checks]  # [passed, stated]
+    for sample, tally in zip(checks, tallies):
+        for name, ok in sample.items():
+            counts = tally[name.split(".")[-1]]
+            counts[0] += float(ok)
+            counts[1] += 1
+    components, info = {}, {}
+    for kind in kinds:
+        rates = [t[kind][0] / t[kind][1] if t[kind][1] else 1.0 for t in tallies]
+        components[kind] = torch.tensor(rates, dtype=torch.float32, device=device)
+        stated = sum(t[kind][1] for t in tallies)
+        if stated:
+            info[f"{kind}_rate"] = sum(t[kind][0] for t in tallies) / stated
+    return components, info

@@ -34,3 +34,13 @@ def test_world_seed_dependence_counts_every_check(capsys):
     checks = sum(sum(row.values()) for row in result["checks"].values())
     assert checks > 0 and set(next(iter(result["checks"].values()))) == {"always", "never", "seed"}
     assert "by seed" in capsys.readouterr().out
+
+
+def test_world_artifact_classifier_scores_every_kind(tmp_path, capsys):
+    from mmalign.rewards.corruptions import CORRUPTIONS
+
+    result = _script("world_artifact_classifier").main(["--train-kinds", "grid", "banding", "--train-images", "8",
+                                                       "--test-images", "2", "--steps", "2", "--work", str(tmp_path)])
+    assert set(result["kinds"]) == set(CORRUPTIONS) and result["kinds"]["grid"]["trained"]
+    assert not result["kinds"]["duplicate"]["trained"] and (tmp_path / "head" / "head.safetensors").is_file()
+    assert "held out  AUROC" in capsys.readouterr().out

@@ -9,6 +9,9 @@ gathered. Rows are re-padded on the tokenizer's side, so left and right padding 
 Models whose image processor is ``Qwen2VLImageProcessor`` (the Qwen2-VL family) are fed ``pixel_values``
 computed in torch from the batch's float pixels (resize, normalise, patchify as the processor does), so
 ``differentiable=True`` gives gradients to the pixels; other models take the processor's own uint8 path.
+Video batches ``(B, T, C, H, W)`` go to models whose video processor is ``Qwen2VLVideoProcessor`` as video
+input (a video part in the user turn, ``pixel_values_videos`` and ``video_grid_thw`` computed in torch likewise);
+other models refuse them.
 """
 
 from __future__ import annotations
@@ -24,7 +27,8 @@ from mmalign.media import MediaBatch
 from mmalign.rewards.backbones import resolve_dtype
 from mmalign.rewards.base import Reward
 
-__all__ = ["VLMJudge", "load_judge_model", "qwen2vl_pixel_values", "supports_tensor_pixels"]
+__all__ = ["VLMJudge", "load_judge_model", "qwen2vl_pixel_values", "qwen2vl_video_values", "supports_tensor_pixels",
+           "supports_tensor_videos"]
 
 
 def load_judge_model(model: str | nn.Module, processor=None, dtype: str | torch.dtype = "float32",
@@ -59,30 +63,71 @@ def supports_tensor_pixels(processor) -> bool:
     return isinstance(getattr(processor, "image_processor", None), Qwen2VLImageProcessor)
 
 
+def _resized_normalised(pixels: torch.Tensor, h: int, w: int, processor) -> torch.Tensor:
+    """Float ``(N, C, H, W)`` pixels in [0, 1] resized to ``(h, w)`` (the processor's resample, antialiased) and
+    normalised as a Qwen2-VL image or video processor does."""
+    from torchvision.transforms.functional import InterpolationMode, resize
+
+    if processor.do_resize and (h, w) != tuple(pixels.shape[-2:]):
+        modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
+        pixels = resize(pixels, [h, w], interpolation=modes[int(processor.resample)], antialias=True)
+    mean = torch.tensor(processor.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    std = torch.tensor(processor.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
+    return (pixels - mean) / std if processor.do_normalize else pixels
+
+
+def _patches(x: torch.Tensor, patch: int, merge: int, frames: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(values, grid_thw)`` of ``(B, T, C, h, w)`` clips in Qwen2-VL's patch order: T padded to a multiple of
+    ``frames`` (the temporal patch) by repeating the last frame, patches merged ``merge``² (an image is T = 1)."""
+    if pad := -x.shape[1] % frames:
+        x = torch.cat([x, x[:, -1:].expand(-1, pad, -1, -1, -1)], 1)
+    b, t, c, h, w = x.shape
+    gt, gh, gw = t // frames, h // patch, w // patch
+    x = x.reshape(b, gt, frames, c, gh // merge, merge, patch, gw // merge, merge, patch)
+    x = x.permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+    grid = torch.tensor([[gt, gh, gw]] * b, dtype=torch.long)
+    return x.reshape(b * gt * gh * gw, c * frames * patch * patch), grid
+
+
 def qwen2vl_pixel_values(pixels: torch.Tensor, image_processor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(pixel_values, image_grid_thw)`` of float ``(B, 3, H, W)`` images in [0, 1], computed in torch as
     ``Qwen2VLImageProcessor`` computes them (smart resize, normalise, patches merged ``merge_size``²,
     repeated over ``temporal_patch_size``), so gradients reach ``pixels``."""
-    from torchvision.transforms.functional import InterpolationMode, resize
     from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
     ip = image_processor
-    patch, merge, frames = ip.patch_size, ip.merge_size, ip.temporal_patch_size
-    b, c, height, width = pixels.shape
-    h, w = smart_resize(height, width, patch * merge, ip.size["shortest_edge"], ip.size["longest_edge"])
-    if ip.do_resize and (h, w) != (height, width):
-        modes = {0: InterpolationMode.NEAREST, 2: InterpolationMode.BILINEAR, 3: InterpolationMode.BICUBIC}
-        pixels = resize(pixels, [h, w], interpolation=modes[int(ip.resample)], antialias=True)
-    else:
-        h, w = height, width
-    mean = torch.tensor(ip.image_mean, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-    std = torch.tensor(ip.image_std, dtype=pixels.dtype, device=pixels.device).view(1, -1, 1, 1)
-    x = (pixels - mean) / std if ip.do_normalize else pixels
-    gh, gw = h // patch, w // patch
-    x = x.reshape(b, c, gh // merge, merge, patch, gw // merge, merge, patch).permute(0, 2, 5, 3, 6, 1, 4, 7)
-    x = x.unsqueeze(6).expand(-1, -1, -1, -1, -1, -1, frames, -1, -1)
-    grid = torch.tensor([[1, gh, gw]] * b, dtype=torch.long)
-    return x.reshape(b * gh * gw, c * frames * patch * patch), grid
+    h, w = smart_resize(*pixels.shape[-2:], ip.patch_size * ip.merge_size, ip.size["shortest_edge"],
+                        ip.size["longest_edge"])
+    if not ip.do_resize:
+        h, w = pixels.shape[-2:]
+    x = _resized_normalised(pixels, h, w, ip)
+    return _patches(x[:, None], ip.patch_size, ip.merge_size, ip.temporal_patch_size)
+
+
+def qwen2vl_video_values(videos: torch.Tensor, video_processor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(pixel_values_videos, video_grid_thw)`` of float ``(B, T, 3, H, W)`` clips in [0, 1], computed in torch
+    as ``Qwen2VLVideoProcessor`` computes them (frames resized to one smart size, the per-frame pixel cap when
+    ``cap_pixels_per_frame``, normalised, ``temporal_patch_size`` frames per patch, the last frame repeated to
+    fill one), so gradients reach ``videos``. Frames are taken as given (no frame sampling)."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import smart_resize
+
+    vp = video_processor
+    b, t, c, height, width = videos.shape
+    factor = vp.patch_size * vp.merge_size
+    longest, shortest = vp.size["longest_edge"], vp.size["shortest_edge"]
+    if vp.cap_pixels_per_frame:  # as Qwen2VLVideoProcessor.resize bounds a clip's total pixels
+        total = int(vp.max_video_tokens * factor * factor * 0.9)
+        longest = max(min(longest, total * vp.temporal_patch_size // t), int(shortest * 1.05))
+    h, w = smart_resize(height, width, factor, shortest, longest) if vp.do_resize else (height, width)
+    x = _resized_normalised(videos.reshape(b * t, c, height, width), h, w, vp).view(b, t, c, h, w)
+    return _patches(x, vp.patch_size, vp.merge_size, vp.temporal_patch_size)
+
+
+def supports_tensor_videos(processor) -> bool:
+    """Whether ``qwen2vl_video_values`` reproduces this processor's videos (the Qwen2-VL family's)."""
+    from transformers import Qwen2VLVideoProcessor
+
+    return isinstance(getattr(processor, "video_processor", None), Qwen2VLVideoProcessor)
 
 
 class VLMJudge(Reward):
@@ -116,20 +161,24 @@ class VLMJudge(Reward):
         self.answer_prefix, self.max_batch = answer_prefix, max_batch
         self.freeze()
 
-    def images(self, batch: MediaBatch) -> torch.Tensor:
-        """``(B, 3, H, W)`` pixels of an image batch; a video batch is an error (the judges are image-only)."""
-        if batch.is_video:
-            raise ValueError(f"batch.pixels: {self.name} judges images (B, C, H, W), got a video batch "
-                             f"{tuple(batch.pixels.shape)}")
-        return batch.pixels.expand(-1, 3, -1, -1)
+    def media(self, batch: MediaBatch) -> torch.Tensor:
+        """``(B, 3, H, W)`` images or ``(B, T, 3, H, W)`` videos of the batch (grey repeated to RGB); videos only
+        for the Qwen2-VL family (``Qwen2VLVideoProcessor``), else a named error."""
+        if batch.is_video and not supports_tensor_videos(self.processor):
+            raise ValueError(f"batch.pixels: {self.name} judges videos (B, T, C, H, W) only with a Qwen2-VL-family "
+                             f"video processor (Qwen2VLVideoProcessor), got a video batch {tuple(batch.pixels.shape)} "
+                             f"and {type(getattr(self.processor, 'video_processor', None)).__name__}")
+        return batch.pixels.expand(*batch.pixels.shape[:-3], 3, -1, -1)
 
-    def context(self, question: str) -> str:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    def context(self, question: str, video: bool = False) -> str:
+        part = {"type": "video" if video else "image"}
+        messages = [{"role": "user", "content": [part, {"type": "text", "text": question}]}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True) + self.answer_prefix
 
     def answer_logprobs(self, pixels: torch.Tensor, questions: Sequence[str], answers: Sequence[str]) -> list[torch.Tensor]:
         """Per row ``i``, the ``(n_i,)`` float32 log-probabilities of ``answers[i]``'s tokens given image
-        ``pixels[i]`` and ``questions[i]``, teacher-forced; rows run ``max_batch`` at a time."""
+        ``pixels[i]`` (``(N, 3, H, W)``; or video, ``(N, T, 3, H, W)``) and ``questions[i]``, teacher-forced;
+        rows run ``max_batch`` at a time."""
         if not len(pixels) == len(questions) == len(answers):
             raise ValueError(f"questions, answers: expected one per image ({len(pixels)}), got {len(questions)}, "
                              f"{len(answers)}")
@@ -141,19 +190,25 @@ class VLMJudge(Reward):
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             for s in range(0, len(pixels), self.max_batch):
                 e = s + self.max_batch
-                out += self._forward(pixels[s:e], [self.context(q) for q in questions[s:e]], targets[s:e])
+                contexts = [self.context(q, pixels.ndim == 5) for q in questions[s:e]]
+                out += self._forward(pixels[s:e], contexts, targets[s:e])
         return out
 
     def _forward(self, pixels: torch.Tensor, contexts: list[str], targets: list[list[int]]) -> list[torch.Tensor]:
         device = self.model.device
+        video = pixels.ndim == 5
         uint8 = list((pixels.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-        inputs = dict(self.processor(text=contexts, images=uint8, padding=True, return_tensors="pt"))
-        if self.tensor_pixels:
-            values, grid = qwen2vl_pixel_values(pixels.to(device, self.model.dtype), self.processor.image_processor)
-            if not torch.equal(grid, inputs["image_grid_thw"]):
-                raise RuntimeError(f"image_grid_thw: torch preprocessing gave {grid.tolist()}, the processor "
-                                   f"{inputs['image_grid_thw'].tolist()}")
-            inputs["pixel_values"] = values
+        media = {"videos": uint8} if video else {"images": uint8}
+        inputs = dict(self.processor(text=contexts, padding=True, return_tensors="pt", **media))
+        if video or self.tensor_pixels:
+            tensor = pixels.to(device, self.model.dtype)
+            values, grid = (qwen2vl_video_values(tensor, self.processor.video_processor) if video
+                            else qwen2vl_pixel_values(tensor, self.processor.image_processor))
+            key = "video_grid_thw" if video else "image_grid_thw"
+            if not torch.equal(grid, inputs[key]):
+                raise RuntimeError(f"{key}: torch preprocessing gave {grid.tolist()}, the processor "
+                                   f"{inputs[key].tolist()}")
+            inputs["pixel_values_videos" if video else "pixel_values"] = values
         ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
         per_token = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape]
         pad = self.processor.tokenizer.pad_token_id

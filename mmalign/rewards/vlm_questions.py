@@ -76,7 +76,7 @@ class QuestionReward(VLMJudge):
         return [[fill(self.template, "template", p, m)] for p, m in zip(batch.prompts, batch.metadata)]
 
     def forward(self, batch: MediaBatch) -> RewardOutput:
-        pixels = self.images(batch)
+        pixels = self.media(batch)
         asked = self.questions(batch)
         owner = torch.tensor([i for i, qs in enumerate(asked) for _ in qs], dtype=torch.long)
         questions = [q for qs in asked for q in qs]
@@ -169,7 +169,7 @@ class PromptEcho(VLMJudge):
         self.query, self.reduction = query, reduction
 
     def forward(self, batch: MediaBatch) -> RewardOutput:
-        logp = self.answer_logprobs(self.images(batch), [self.query] * len(batch), batch.prompts)
+        logp = self.answer_logprobs(self.media(batch), [self.query] * len(batch), batch.prompts)
         scores = torch.stack([lp.mean() if self.reduction == "mean" else lp.sum() for lp in logp])
         tokens = torch.tensor([float(len(lp)) for lp in logp], device=scores.device)
         return RewardOutput(scores, {"tokens": tokens})

@@ -10,7 +10,7 @@ import torch
 
 from mmalign import MediaBatch
 from mmalign.rewards import available, build
-from mmalign.rewards.vlm_judge import qwen2vl_pixel_values
+from mmalign.rewards.vlm_judge import qwen2vl_pixel_values, qwen2vl_video_values
 from mmalign.rewards.vlm_questions import ArtifactJudge
 from mmalign.world.captions import prompt_set
 from mmalign.world.questions import checklist_questions
@@ -40,11 +40,13 @@ def batch():
 
 
 def reference_logprobs(model, processor, image, question, answer, prefix=""):
-    """One pair: the chat prompt and answer tokens in one unpadded forward, log-softmax, gather."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    """One pair: the chat prompt and answer tokens in one unpadded forward, log-softmax, gather; an image
+    ``(3, H, W)`` or a video ``(T, 3, H, W)``, given to the processor as such."""
+    kind = "video" if image.ndim == 4 else "image"
+    messages = [{"role": "user", "content": [{"type": kind}, {"type": "text", "text": question}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True) + prefix
     uint8 = (image * 255).round().to(torch.uint8)
-    inputs = processor(text=[text], images=[uint8], return_tensors="pt")
+    inputs = processor(text=[text], return_tensors="pt", **{f"{kind}s": [uint8]})
     target = processor.tokenizer(answer, add_special_tokens=False)["input_ids"]
     n = len(target)
     for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
@@ -177,8 +179,11 @@ def test_pixel_gradients_match_finite_differences(world_vlm, batch):
 def test_bad_inputs_are_named(world_vlm, batch):
     model, processor = world_vlm
     reward = judge(world_vlm, "vlm_checklist", generator=None, **WORLD)
-    with pytest.raises(ValueError, match=r"batch.pixels: vlm_checklist judges images \(B, C, H, W\), got a video"):
-        reward(MediaBatch(torch.rand(1, 2, 3, 32, 32), ["x"]))
+    imageonly = copy.deepcopy(processor)
+    imageonly.video_processor = None
+    with pytest.raises(ValueError, match=r"batch.pixels: vqascore judges videos \(B, T, C, H, W\) only with a "
+                                         r"Qwen2-VL-family video processor .* got a video batch \(1, 2, 3, 32, 32\)"):
+        build({"name": "vqascore", "model": model, "processor": imageonly})(MediaBatch(torch.rand(1, 2, 3, 32, 32), ["x"]))
     with pytest.raises(ValueError, match=r"metadata\[0\]\['questions'\]: expected the sample's questions"):
         reward(batch[:1])
     with pytest.raises(ValueError, match=r"metadata\[1\]\['questions'\]: expected a non-empty list of question"):
@@ -205,3 +210,76 @@ def test_bad_inputs_are_named(world_vlm, batch):
     pil.image_processor = Qwen2VLImageProcessorPil(**pil.image_processor.to_dict())
     with pytest.raises(ValueError, match="differentiable: pixel gradients need a Qwen2-VL-family image processor"):
         build({"name": "vqascore", "model": model, "processor": pil, "differentiable": True})
+
+
+# ------------------------------------------------------------------------------------------------ videos
+@pytest.fixture(scope="module")
+def tiny_vlm():
+    from tiny_models import make_tiny_vlm
+
+    return make_tiny_vlm(seed=3)
+
+
+@pytest.fixture(scope="module")
+def clips():
+    """Three world clips of 3 frames (odd: the last frame fills the second temporal patch), uint8 levels."""
+    from mmalign.world.video import render_videos, video_prompt_set
+
+    prompts = video_prompt_set("train", 3, seed=4)
+    videos = (render_videos(prompts, frames=3) * 255).round() / 255
+    return MediaBatch(videos, [p.text for p in prompts])
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_video_judge_equals_teacher_forced_video_input(tiny_vlm, clips, padding):
+    """Each clip goes to the VLM as a video (pixel_values_videos, video_grid_thw), batched in chunks of 2 rows, as
+    the processor's own video path one clip at a time gives; its first frame alone as an image scores otherwise."""
+    out = judge(tiny_vlm, "vqascore", padding, max_batch=2)(clips)
+    echo = judge(tiny_vlm, "prompt_echo", padding)(clips)
+    expected, echoed = [], []
+    for video, prompt in zip(clips.pixels, clips.prompts):
+        question = f'Does this figure show "{prompt}"? Please answer yes or no.'
+        expected.append(reference_logprobs(*tiny_vlm, video, question, "Yes").mean().exp())
+        echoed.append(reference_logprobs(*tiny_vlm, video, "Describe the image.", prompt).mean())
+    torch.testing.assert_close(out.scores, torch.stack(expected), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(echo.scores, torch.stack(echoed), rtol=1e-4, atol=1e-5)
+    first = judge(tiny_vlm, "vqascore")(MediaBatch(clips.pixels[:, 0], clips.prompts))
+    assert not torch.allclose(first.scores, out.scores, rtol=1e-3, atol=0)
+
+
+def test_video_preprocessing_matches_the_processor(tiny_vlm):
+    _, processor = tiny_vlm
+    vp = processor.video_processor
+    torch.manual_seed(0)
+    uint8 = torch.randint(0, 256, (2, 3, 3, 32, 32), dtype=torch.uint8)  # no resize: the uint8 path exactly
+    values, grid = qwen2vl_video_values(uint8.float() / 255, vp)
+    own = vp(videos=list(uint8), return_tensors="pt")
+    torch.testing.assert_close(values, own["pixel_values_videos"], rtol=0, atol=1e-5)
+    assert torch.equal(grid, own["video_grid_thw"]) and grid.tolist() == [[2, 8, 8]] * 2
+    floats = torch.rand(2, 4, 3, 40, 56)  # resized: bicubic with antialiasing, with and without the pixel cap
+    grids = []
+    for cap in (False, True):
+        sized = copy.deepcopy(vp)
+        sized.size = {"shortest_edge": 256, "longest_edge": 4096}
+        sized.cap_pixels_per_frame, sized.max_video_tokens = cap, 16
+        values, grid = qwen2vl_video_values(floats, sized)
+        own = sized(videos=list(floats), do_rescale=False, return_tensors="pt")
+        assert grid.tolist() == own["video_grid_thw"].tolist()
+        torch.testing.assert_close(values, own["pixel_values_videos"], rtol=0, atol=1e-5)
+        grids.append(grid[0].tolist())
+    assert grids[1][1] * grids[1][2] < grids[0][1] * grids[0][2]  # the cap binds
+
+
+def test_video_pixel_gradients_match_finite_differences(tiny_vlm, clips):
+    model, processor = tiny_vlm
+    reward = build({"name": "vqascore", "model": copy.deepcopy(model).double(), "processor": processor,
+                    "dtype": "float64", "differentiable": True})
+    pixels = (0.1 + 0.8 * clips.pixels[:2].double()).requires_grad_()
+    reward(MediaBatch(pixels, clips.prompts[:2])).scores.sum().backward()
+    torch.manual_seed(0)
+    direction = torch.randn_like(pixels)
+    eps = 1e-3
+    with torch.no_grad():
+        up, down = (reward(MediaBatch(pixels + s * eps * direction, clips.prompts[:2])).scores.sum() for s in (1, -1))
+    assert pixels.grad[:, 1:].abs().sum() > 0  # every frame, not the first alone
+    torch.testing.assert_close((pixels.grad * direction).sum().float(), (up - down) / (2 * eps), rtol=1e-3, atol=1e-5)

@@ -1,4 +1,4 @@
-"""``mmalign world ...``: build, sample, render and verify, each a small function over the Python API.
+"""``mmalign world ...``: build, sample, render, video and verify, each a small function over the Python API.
 
 ``add_world_parser(subparsers)`` adds the ``world`` command to the ``mmalign`` parser; every leaf sets
 ``func`` to a function of the parsed arguments that returns an exit status, as the other commands do.
@@ -82,6 +82,31 @@ def _cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_video(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from PIL import Image
+
+    from mmalign.world.video import render_video, verify_video, video_prompt_set, video_scene_from_prompt
+
+    if args.prompt is not None:
+        (scene, motion), text = video_scene_from_prompt(args.prompt, args.seed), args.prompt
+    else:
+        clip = video_prompt_set(args.split, 1, args.seed)[0]
+        scene, motion, text = clip.scene, clip.motion, clip.text
+    if Path(args.out).suffix.lower() != ".gif":
+        raise ValueError(f"--out: expected a .gif file name such as clip.gif, got {args.out!r}")
+    video = render_video(scene, motion, args.frames, args.size, args.jitter, args.seed)
+    scale = max(1, 128 // args.size)
+    frames = [Image.fromarray((f.permute(1, 2, 0) * 255).round().byte().numpy()).resize(
+        (args.size * scale,) * 2, Image.NEAREST) for f in video]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=args.ms, loop=0)
+    result = verify_video(video, scene, motion)
+    print(f"wrote {len(frames)} frames of {text!r} to {args.out}; gold {result.score:.2f}")
+    return 0
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     from mmalign.media import open_image
     from mmalign.world.captions import scene_from_prompt
@@ -146,6 +171,17 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     render.add_argument("--size", type=int, default=32)
     render.add_argument("--jitter", type=float, default=1.0)
     render.set_defaults(func=_cmd_render)
+
+    video = sub.add_parser("video", help="render a clip of moving shapes as a GIF, with its gold verdict")
+    video.add_argument("--prompt", help="a caption with 'moving <direction>' (else a clip of --split)")
+    video.add_argument("--split", default="heldout", choices=("train", "heldout"))
+    video.add_argument("--frames", type=int_at_least(2), default=8)
+    video.add_argument("--size", type=int_at_least(8), default=32)
+    video.add_argument("--jitter", type=float, default=0.0)
+    video.add_argument("--ms", type=positive_int, default=120, help="milliseconds per frame")
+    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--out", default="clip.gif", help="output GIF")
+    video.set_defaults(func=_cmd_video)
 
     verify = sub.add_parser("verify", help="gold verdict of image files against a prompt or scene")
     verify.add_argument("images", nargs="+")

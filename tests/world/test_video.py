@@ -130,3 +130,23 @@ def test_bad_inputs_are_named(videos):
         video_scene_from_prompt("a red circle on the left moving up")
     with pytest.raises(ValueError, match="frames: expected a positive int, got 0"):
         frame_scenes(CLIPS[0].scene, CLIPS[0].motion, 0)
+
+
+def test_world_video_command_writes_a_gif(tmp_path, capsys):
+    import argparse
+
+    from PIL import Image
+
+    from mmalign.world.commands import add_world_parser
+
+    parser = argparse.ArgumentParser(prog="mmalign")
+    add_world_parser(parser.add_subparsers(dest="command", required=True))
+    out = tmp_path / "clip.gif"
+    args = parser.parse_args(["world", "video", "--prompt", "two blue squares moving up", "--frames", "5",
+                              "--out", str(out)])
+    assert args.func(args) == 0
+    assert "wrote 5 frames of 'two blue squares moving up'" in capsys.readouterr().out
+    assert Image.open(out).n_frames == 5
+    args = parser.parse_args(["world", "video", "--out", str(tmp_path / "clip.png")])
+    with pytest.raises(ValueError, match="--out: expected a .gif file name"):
+        args.func(args)

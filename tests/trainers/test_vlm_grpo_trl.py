@@ -18,7 +18,7 @@ from mmalign.trainers.vlm_grpo.trainer import VLMGRPOTrainer
 #: GRPOTrainer methods VLMGRPOTrainer overrides; each calls TRL's own through ``super()`` with its arguments.
 OVERRIDES = {
     "_generate_and_score_completions", "_generate", "_calculate_rewards", "_tokenize_prompts", "_compute_loss",
-    "_get_per_token_logps_and_entropies",
+    "_get_per_token_logps_and_entropies", "_load_from_checkpoint",
 }
 #: methods of VLMGRPOTrainer's own, which must not shadow a TRL method of the same name.
 OWN = {"_reference", "_prepare_reference", "_check_dynamic_sampling", "_prepared_prompts", "_refill_rows",

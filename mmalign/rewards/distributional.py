@@ -263,16 +263,27 @@ class ExemplarKNN(ExemplarReward):
         return RewardOutput(-distance.topk(self.k, dim=1, largest=False).values.mean(1).float())
 
 
-class ExemplarFD(ExemplarReward):
-    """Minus the Fréchet distance of the batch's image embeddings to the exemplars' (``frechet_distance``).
+class _ExemplarSetReward(ExemplarReward):
+    """A distribution-to-distribution reward: ``value`` of the batch's embeddings against the exemplars'.
 
     ``scope="set"``: every sample gets the batch's score, ``components["leave_one_out"]`` each one's contribution.
     """
 
-    name = "exemplar_fd"
     scope = "set"
     min_batch = 3
     min_exemplars = 2
+
+    def value(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, batch: MediaBatch) -> RewardOutput:
+        return self.set_output(self.value, self.image_embeddings(batch))
+
+
+class ExemplarFD(_ExemplarSetReward):
+    """Minus the Fréchet distance of the batch's image embeddings to the exemplars' (``frechet_distance``)."""
+
+    name = "exemplar_fd"
 
     def prepare(self) -> None:
         for field, value in gaussian_stats(self.exemplars)._asdict().items():
@@ -282,26 +293,14 @@ class ExemplarFD(ExemplarReward):
         stats = GaussianStats(self.exemplar_mean, self.exemplar_sqrt_cov, self.exemplar_trace)
         return -frechet_distance(x, stats)
 
-    def forward(self, batch: MediaBatch) -> RewardOutput:
-        return self.set_output(self.value, self.image_embeddings(batch))
 
-
-class ExemplarKID(ExemplarReward):
-    """Minus the kernel (inception) distance, the unbiased MMD² of the batch and the exemplars (``kid``).
-
-    ``scope="set"``: every sample gets the batch's score, ``components["leave_one_out"]`` each one's contribution.
-    """
+class ExemplarKID(_ExemplarSetReward):
+    """Minus the kernel (inception) distance, the unbiased MMD² of the batch and the exemplars (``kid``)."""
 
     name = "exemplar_kid"
-    scope = "set"
-    min_batch = 3
-    min_exemplars = 2
 
     def prepare(self) -> None:
         self.register_buffer("exemplar_within", kid_within(self.exemplars), persistent=False)
 
     def value(self, x: torch.Tensor) -> torch.Tensor:
         return -kid(x, self.exemplars, self.exemplar_within)
-
-    def forward(self, batch: MediaBatch) -> RewardOutput:
-        return self.set_output(self.value, self.image_embeddings(batch))

@@ -12,7 +12,7 @@ PACKAGE = Path(mmalign.__file__).parent
 #: generic layers and reached by them only through import-path tables (reward registry, pipeline, prompt and
 #: model sources), so only the command line imports it.
 LAYERS = [
-    {"media", "config", "prompts", "kernels", "files", "__init__"},
+    {"media", "config", "prompts", "kernels", "files", "__init__", "seeds"},
     {"rewards"},
     {"models"},
     {"eval"},

@@ -14,14 +14,13 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
 from mmalign.config import Recipe
 from mmalign.eval.generator import mean_ci
-from mmalign.eval.scoring import build_rewards
+from mmalign.eval.scoring import build_rewards, score_batch
 from mmalign.files import write_text_atomic
 from mmalign.media import MediaBatch
 from mmalign.models.ddim import DDIMPolicy
@@ -32,6 +31,7 @@ from mmalign.prompts import PromptSource, load_prompts
 from mmalign.rewards import Reward, build
 from mmalign.rewards.ensemble import Ensemble
 from mmalign.rewards.registry import RewardSpecs
+from mmalign.seeds import derived_seed
 
 __all__ = ["ReNORecipe", "best_of_n", "draw_seed", "run_reno"]
 
@@ -66,9 +66,9 @@ class ReNORecipe(Recipe):
 
 
 def draw_seed(seed: int, prompt: int, draw: int) -> int:
-    """The noise seed of draw ``draw`` of prompt ``prompt`` (draw 0 is ReNO's initial noise), by NumPy's
-    SeedSequence: independent streams, the same in every batch layout."""
-    return int(np.random.SeedSequence([seed, prompt, draw]).generate_state(1, np.uint64)[0] >> 1)
+    """The noise seed of draw ``draw`` of prompt ``prompt`` (draw 0 is ReNO's initial noise; calibration draws
+    start at 10⁶): independent of the batch layout."""
+    return derived_seed(seed, prompt, draw)
 
 
 def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
@@ -97,7 +97,7 @@ def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
 
         def score_iterate(state, rows=rows, traced=traced) -> bool:
             batch = MediaBatch(torch.nan_to_num(state.pixels.float(), 0.5), texts[rows], metadata[rows])
-            for name, values in _score(report, batch).items():
+            for name, values in _score(report, batch, len(batch)).items():
                 traced[name].append(values)
             return False
 
@@ -140,24 +140,19 @@ def best_of_n(adapter: StableDiffusionAdapter, texts: list[str], metadata: list[
               recipe: ReNORecipe, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each prompt's best of ``recipe.iterations`` samples by ``reward`` (draw 0 is ReNO's initial noise):
     ``(pixels (B, 3, H, W), scores (B,), index of the chosen draw (B,))``; non-finite scores are never chosen."""
-    from mmalign.inference.reno import initial_noise
-
     policy = DDIMPolicy(adapter.scheduler_config, recipe.num_steps, eta=0.0)
-    n = recipe.iterations
-    pairs = [(i, j) for i in range(len(texts)) for j in range(n)]
-    chunk = recipe.batch_size * max(1, min(n, 8))
+    pairs = [(i, j) for i in range(len(texts)) for j in range(recipe.iterations)]
+    chunk = recipe.batch_size * max(1, min(recipe.iterations, 8))
     best_scores = torch.full((len(texts),), -math.inf)
     best_index = torch.zeros(len(texts), dtype=torch.long)
     best_pixels: torch.Tensor | None = None
     for start in tqdm(range(0, len(pairs), chunk), desc="best-of-N", unit="batch", disable=not progress):
         part = pairs[start : start + chunk]
-        rows = [i for i, _ in part]
-        noise = initial_noise([draw_seed(recipe.seed, i, j) for i, j in part], adapter.latent_shape)
-        pixels = sample_with_grad(adapter, policy, [texts[i] for i in rows], noise).pixels.float().cpu()
-        drawn = torch.isfinite(pixels.flatten(1)).all(1)
-        pixels = torch.nan_to_num(pixels, 0.5)
-        values = reward(MediaBatch(pixels, [texts[i] for i in rows], [metadata[i] for i in rows])).scores.float().cpu()
+        batch, drawn = _draws(adapter, policy, texts, metadata, [i for i, _ in part],
+                              [draw_seed(recipe.seed, i, j) for i, j in part])
+        values = reward(batch).scores.float().cpu()
         values = torch.where(drawn & torch.isfinite(values), values, -math.inf)
+        pixels = batch.pixels.cpu()
         if best_pixels is None:
             best_pixels = torch.zeros(len(texts), *pixels.shape[1:])
         for k, (i, j) in enumerate(part):
@@ -171,32 +166,36 @@ def calibrate(reward: Reward, adapter: StableDiffusionAdapter, texts: list[str],
     """Set the standardisation of every ensemble inside ``reward`` from ``calibration_samples`` samples of the
     generator (draws apart from ReNO's and best-of-N's), then hold it: each prompt's score then depends on its
     own sample only."""
-    from mmalign.inference.reno import initial_noise
-
     ensembles = [m for m in reward.modules() if isinstance(m, Ensemble) and m.standardize]
     if not ensembles:
         return
     policy = DDIMPolicy(adapter.scheduler_config, recipe.num_steps, eta=0.0)
     rows = [k % len(texts) for k in range(recipe.calibration_samples)]
-    noise = initial_noise([draw_seed(recipe.seed, i, 10**6 + k) for k, i in enumerate(rows)], adapter.latent_shape)
+    chunk = recipe.batch_size * 4
     with torch.no_grad():
-        for start in range(0, len(rows), recipe.batch_size * 4):
-            part = rows[start : start + recipe.batch_size * 4]
-            pixels = sample_with_grad(adapter, policy, [texts[i] for i in part], noise[start : start + len(part)]).pixels
-            reward(MediaBatch(torch.nan_to_num(pixels.float(), 0.5), [texts[i] for i in part], [metadata[i] for i in part]))
+        for start in range(0, len(rows), chunk):
+            part = range(start, min(start + chunk, len(rows)))
+            reward(_draws(adapter, policy, texts, metadata, [rows[k] for k in part],
+                          [draw_seed(recipe.seed, rows[k], 10**6 + k) for k in part])[0])
     for ensemble in ensembles:
         ensemble.hold_statistics()
 
 
-@torch.no_grad()
-def _score(rewards: dict[str, Reward], batch: MediaBatch, batch_size: int | None = None) -> dict[str, torch.Tensor]:
-    size = batch_size or len(batch)
-    columns: dict[str, list[torch.Tensor]] = {name: [] for name in rewards}
-    for start in range(0, len(batch), size):
-        part = batch[start : start + size]
-        for name, reward in rewards.items():
-            columns[name].append(reward(part).scores.float().cpu())
-    return {name: torch.cat(parts) for name, parts in columns.items()}
+def _draws(adapter, policy, texts, metadata, rows: list[int], seeds: list[int]) -> tuple[MediaBatch, torch.Tensor]:
+    """Deterministic samples of prompts ``rows`` from the noises of ``seeds``, as a batch (non-finite pixels
+    replaced by grey) and the ``(n,)`` mask of samples drawn finite."""
+    from mmalign.inference.reno import initial_noise
+
+    noise = initial_noise(seeds, adapter.latent_shape)
+    pixels = sample_with_grad(adapter, policy, [texts[i] for i in rows], noise).pixels.float()
+    drawn = torch.isfinite(pixels.flatten(1)).all(1).cpu()
+    return MediaBatch(torch.nan_to_num(pixels, 0.5), [texts[i] for i in rows], [metadata[i] for i in rows]), drawn
+
+
+def _score(rewards: dict[str, Reward], batch: MediaBatch, batch_size: int) -> dict[str, torch.Tensor]:
+    """Each reward's scores (``score_batch`` without the components)."""
+    columns = score_batch(rewards, batch, batch_size, progress=False)
+    return {name: columns[name] for name in rewards}
 
 
 def _summary(recipe, results, scores, seconds, bon_seconds, texts) -> dict[str, Any]:

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel
 
 from mmalign.files import write_text_atomic
+from mmalign.seeds import derived_seed
 from mmalign.trainers.checkpoint import Checkpoint, latest_checkpoint, save_checkpoint
 from mmalign.trainers.distributed import destroy_process_group_at_exit
 
@@ -25,10 +26,8 @@ __all__ = ["Run", "append_metrics", "seeded_generator", "write_config"]
 
 
 def seeded_generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from integers by NumPy's SeedSequence: the same on every process and in every run,
-    unlike Python's salted ``hash``."""
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state >> 1))
+    """A CPU generator seeded from integers (``derived_seed``): the same on every process and in every run."""
+    return torch.Generator().manual_seed(derived_seed(*keys))
 
 
 def write_config(run_dir: str | Path, config: BaseModel) -> Path:

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     from mmalign.eval.agreement import auroc
     from mmalign.eval.artifact import train_artifact_classifier
     from mmalign.eval.scoring import score_batch
+    from mmalign.files import write_text_atomic
     from mmalign.media import MediaBatch
     from mmalign.rewards import build
     from mmalign.world.assets import proxy_path
@@ -107,8 +108,7 @@ def main(argv: list[str] | None = None) -> dict:
         if key in result:
             print(f"  {key.replace('_', ' ')} kinds: {result[key]:.3f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return result
 
 

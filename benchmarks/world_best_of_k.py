@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
@@ -36,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from mmalign.config import load_recipe
     from mmalign.eval.best_of_k import best_of_k_table
+    from mmalign.files import write_text_atomic
     from mmalign.models.ddim import DDIMPolicy
     from mmalign.models.pipelines import load_sd_pipeline
     from mmalign.models.rollout import sample_trajectories
@@ -79,8 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{name}: within-prompt pairwise accuracy {agreement['pairwise_accuracy']:.3f} "
               f"({agreement['pairs']} pairs), correlation {agreement['correlation']:.3f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        write_text_atomic(args.out, json.dumps(result, indent=2) + "\n")
     return result
 
 

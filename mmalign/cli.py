@@ -107,6 +107,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
                   f"{a['mean']:.4f} [{a['ci_low']:.4f}, {a['ci_high']:.4f}]{change}  (n={a['n']})")
         if summary.get("diversity_ratio") is not None:
             print(f"{'diversity_ratio':>{width}}: {summary['diversity_ratio']:.4f}  (after/before of the mean Vendi score)")
+        if summary.get("by_kind"):
+            print(f"per kind (paired 95% CI): {summary['by_kind']['text']}")
     print(f"run folder: {trainer.run_dir}  (weights: {exported})")
     for name in ("summary.json", "grid.png", "curves.png"):
         if (Path(trainer.run_dir) / name).is_file():
@@ -190,9 +192,7 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
 def _cmd_eval_generator(args: argparse.Namespace) -> int:
     from mmalign.eval.generator import evaluate_generator, load_run_pipeline
     from mmalign.eval.scoring import build_rewards
-    from mmalign.models.ddim import DDIMPolicy
-    from mmalign.models.pipelines import load_sd_pipeline
-    from mmalign.models.stable_diffusion import StableDiffusionAdapter
+    from mmalign.models.pipelines import adapter_for, load_pipeline
     from mmalign.prompts import PromptSource, load_prompts
 
     if (args.run is None) == (args.pipeline is None):
@@ -201,14 +201,15 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
         pipe, sampler = load_run_pipeline(args.run)
         pipeline_name = json.loads((Path(args.run) / "config.json").read_text()).get("pipeline")
     else:
-        pipe, sampler, pipeline_name = load_sd_pipeline(args.pipeline), {}, args.pipeline
+        pipe, sampler, pipeline_name = load_pipeline(args.pipeline), {}, args.pipeline
     steps = args.steps or sampler.get("num_steps", 20)
     eta = args.eta if args.eta is not None else sampler.get("eta", 1.0)
     guidance = args.guidance_scale or sampler.get("guidance_scale", 5.0)
     source = PromptSource(file=args.prompts) if args.prompts else PromptSource(world=args.split, n=args.n, seed=args.prompt_seed)
     rewards = build_rewards([_parse_reward(r) for r in args.reward or ["gold"]], args.device)
+    adapter = adapter_for(pipe.to(args.device), guidance)
     result = evaluate_generator(
-        StableDiffusionAdapter(pipe.to(args.device), guidance), DDIMPolicy(pipe.scheduler.config, steps, eta),
+        adapter, adapter.make_policy(steps, eta),
         load_prompts(source), rewards, args.samples_per_prompt, args.seed, progress=not args.quiet,
     )
     encoder, encoder_spec = _diversity_encoder(args.diversity_encoder, pipeline_name, rewards, args.device)
@@ -250,7 +251,7 @@ def _diversity_encoder(text: str | None, pipeline: str | None, rewards: dict, de
 
 
 def _cmd_bench_train(args: argparse.Namespace) -> int:
-    from mmalign.models.pipelines import load_sd_pipeline
+    from mmalign.models.pipelines import load_pipeline
     from mmalign.trainers.bench import (
         DEFAULT_VARIANTS,
         bench_algorithms,
@@ -260,7 +261,7 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     )
 
     def load():
-        return load_sd_pipeline(args.pipeline).to(args.device)
+        return load_pipeline(args.pipeline).to(args.device)
 
     print(f"{args.prompts} prompts × {args.samples_per_prompt} samples, {args.steps} DDIM steps, LoRA, on {args.device}; "
           f"reward jpeg_incompressibility (back-propagation: {args.backprop_reward})")

@@ -2,11 +2,15 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import make_tiny_vlm
 
 from mmalign.config import RecipeError, load_recipe, validate_recipe
+from mmalign.eval.generator import GeneratorEval
+from mmalign.media import MediaBatch
+from mmalign.trainers.vlm_grpo.evaluate import kind_changes
 from mmalign.trainers.vlm_grpo.recipe import (
     DataSource,
     HubVQASource,
@@ -78,6 +82,9 @@ def test_a_run_writes_its_folder_report_and_model_then_resumes(tmp_path):
     paired = summary["paired_change"]["world_accuracy"]
     assert paired["n"] == 6 and paired["mean"] == pytest.approx(summary["change"]["world_accuracy"])
     assert (run / "checkpoints" / "checkpoint-2").is_dir()
+    by_kind = json.loads((run / "summary.json").read_text())["by_kind"]
+    assert list(by_kind["kinds"]) == list(dict.fromkeys(r["kind"] for r in world_vqa_rows(6, "heldout", 1)))
+    assert by_kind["overall"]["paired_change"] == pytest.approx(paired)
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -94,6 +101,38 @@ def test_a_run_writes_its_folder_report_and_model_then_resumes(tmp_path):
     assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [1, 2, 3]
     assert (run / "before.json").read_text() == before  # the untrained policy's answers are kept
     assert again.report()["steps"] == 3
+
+
+def _eval(columns):
+    n = len(next(iter(columns.values())))
+    return GeneratorEval(MediaBatch(torch.zeros(n, 3, 2, 2), ["q"] * n), {k: torch.tensor(v) for k, v in columns.items()})
+
+
+def test_kind_changes_call_a_kind_rose_or_fell_only_when_its_paired_interval_excludes_zero():
+    nan = float("nan")
+    kinds = ["shape"] * 6 + ["count"] * 6 + ["colour"] * 6
+    before = [0, 0, 0, 0, 0, 1] + [1, 1, 1, 1, 1, 0] + [0, 1, 0, 1, 0, 1]
+    after = [1, 1, 1, 1, 1, 1] + [0, 0, 0, 0, 1, 0] + [1, 0, 0, 1, 0, 1]
+    columns = lambda values: {"acc": values, **{f"acc/{k}": [v if kk == k else nan for v, kk in zip(values, kinds)]
+                                                for k in ("shape", "count", "colour")}}
+    out = kind_changes(_eval(columns(before)), _eval(columns(after)), "acc", ["shape", "count", "colour"])
+
+    def reference(index):  # mean ± 1.96 · sample std / sqrt(n) of the per-question differences
+        d = np.array(after, float)[index] - np.array(before, float)[index]
+        half = 1.96 * d.std(ddof=1) / np.sqrt(len(d))
+        return d.mean() - half, d.mean() + half
+
+    for kind, index in (("shape", slice(0, 6)), ("count", slice(6, 12)), ("colour", slice(12, 18))):
+        change = out["kinds"][kind]["paired_change"]
+        assert (change["ci_low"], change["ci_high"]) == pytest.approx(reference(index)) and change["n"] == 6
+    assert out["kinds"]["shape"]["before"] == pytest.approx(1 / 6) and out["kinds"]["shape"]["after"] == 1
+    assert [out["kinds"][k]["verdict"] for k in ("shape", "count", "colour")] == ["rose", "fell", "within noise"]
+    assert out["rose"] == ["shape"] and out["fell"] == ["count"] and out["within_noise"] == ["colour"]
+    assert out["overall"]["verdict"] == "within noise"
+    assert "rose: shape +0.833" in out["text"] and "fell: count -0.667" in out["text"]
+    assert "within noise: colour +0.000" in out["text"]
+    with pytest.raises(ValueError, match=r"kinds: no score columns \['acc/grounding'\]"):
+        kind_changes(_eval(columns(before)), _eval(columns(after)), "acc", ["shape", "grounding"])
 
 
 def test_lora_with_an_ensemble_reward_exports_an_adapter_and_checkpoints_the_statistics(tmp_path):
@@ -162,4 +201,5 @@ def test_mmalign_train_runs_the_shipped_recipe_on_a_saved_model(tmp_path, capsys
     assert status == 0
     printed = capsys.readouterr().out
     assert "world_accuracy:" in printed and "format:" in printed and "(n=4)" in printed
+    assert "per kind (paired 95% CI): world_accuracy " in printed and "within noise: " in printed
     assert (tmp_path / "run" / "model" / "config.json").is_file()

@@ -3,7 +3,8 @@
 Rows are those of the training dataset (``prompt``, ``image`` / ``images`` / ``video``, gold columns); the
 prompt is rendered the way ``VLMGRPOTrainer`` renders it for generation, so evaluation asks exactly what
 training asked. Results come as ``GeneratorEval`` (per-sample score columns with 95% CIs), so the report is
-the one the diffusion trainers write.
+the one the diffusion trainers write; ``kind_changes`` adds what a headline mean hides: the paired change of
+every question kind, and which kinds rose and which fell.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.eval.generator import GeneratorEval
+from mmalign.eval.generator import GeneratorEval, mean_ci
 from mmalign.media import MediaBatch
 from mmalign.trainers.vlm_grpo.rewards import RewardFunction
 
-__all__ = ["evaluate_rows", "generate_answers", "score_answers"]
+__all__ = ["evaluate_rows", "generate_answers", "kind_changes", "score_answers"]
 
 
 def _processor_inputs(processor, rows: Sequence[Mapping[str, Any]]) -> dict:
@@ -100,3 +101,42 @@ def evaluate_rows(
     """``score_answers`` of ``generate_answers``; also returns the answers."""
     answers = generate_answers(model, processor, rows, batch_size, max_new_tokens, progress)
     return score_answers(rows, answers, functions), answers
+
+
+def _verdict(change: Mapping[str, float]) -> str:
+    """``rose`` / ``fell`` when the paired 95% CI excludes zero, else ``within noise``."""
+    if change["ci_low"] > 0:
+        return "rose"
+    return "fell" if change["ci_high"] < 0 else "within noise"
+
+
+def _change_text(change: Mapping[str, float]) -> str:
+    return f"{change['mean']:+.3f} [{change['ci_low']:+.3f}, {change['ci_high']:+.3f}]"
+
+
+def kind_changes(before: GeneratorEval, after: GeneratorEval, name: str, kinds: Sequence[str]) -> dict[str, Any]:
+    """The paired change of reward ``name`` over all rows and per kind (the ``name/<kind>`` columns of
+    ``score_answers``), each with its verdict, the kinds that ``rose`` and ``fell``, and a ``text`` line.
+
+    Kinds are called rose / fell only when the 95% CI of the per-question differences excludes zero: a headline
+    gain can hide kinds the training pushed down, and those are the ones to read.
+    """
+    missing = [k for k in (name, *(f"{name}/{kind}" for kind in kinds)) if k not in before.scores or k not in after.scores]
+    if missing:
+        raise ValueError(f"kinds: no score columns {missing} in both evaluations (have {sorted(before.scores)})")
+
+    def entry(key: str) -> dict[str, Any]:
+        b, a = before.scores[key], after.scores[key]
+        change = mean_ci(a - b)
+        return {"before": mean_ci(b)["mean"], "after": mean_ci(a)["mean"], "paired_change": change,
+                "verdict": _verdict(change)}
+
+    overall, per_kind = entry(name), {kind: entry(f"{name}/{kind}") for kind in kinds}
+    grouped = {v: [k for k, e in per_kind.items() if e["verdict"] == v] for v in ("rose", "fell", "within noise")}
+    parts = [f"{name} {overall['before']:.3f} -> {overall['after']:.3f}, paired change "
+             f"{_change_text(overall['paired_change'])} ({overall['verdict']})"]
+    for verdict, listed in grouped.items():
+        parts.append(f"{verdict}: " + (", ".join(f"{k} {_change_text(per_kind[k]['paired_change'])}" for k in listed)
+                                       or "none"))
+    return {"reward": name, "overall": overall, "kinds": per_kind, "rose": grouped["rose"], "fell": grouped["fell"],
+            "within_noise": grouped["within noise"], "text": "; ".join(parts)}

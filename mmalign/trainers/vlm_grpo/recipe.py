@@ -8,8 +8,9 @@ mmalign's additions (dynamic sampling, an explicit reference), LoRA, and ``grpo`
 
 The run folder holds ``config.json``, ``metrics.jsonl`` (every TRL log row), ``checkpoints/`` (TRL's, with the
 rewards' normalisation state; a rerun resumes from the last), ``before.json`` (the policy's answers before
-training), and the report: greedy answers on held-out rows before and after, each reward's mean with a 95% CI
-(``summary.json``), ``curves.png`` and ``grid.png``; then ``lora/`` or ``model/``.
+training), and the report: greedy answers on held-out rows before and after, each reward's mean with a 95% CI,
+and for rows with a ``kind`` the first reward's paired change per kind with the kinds that rose and fell
+(``summary.json``: ``by_kind``), ``curves.png`` and ``grid.png``; then ``lora/`` or ``model/``.
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ class VLMGRPORecipeTrainer:
         """Greedy answers on the report rows after training against those before: ``summary.json``,
         ``curves.png`` and ``grid.png`` in the run folder (main process; None elsewhere or without a report)."""
         from mmalign.eval.report import write_report
-        from mmalign.trainers.vlm_grpo.evaluate import score_answers
+        from mmalign.trainers.vlm_grpo.evaluate import kind_changes, score_answers
 
         cfg = self.config
         if cfg.report is None or not self.trainer.accelerator.is_main_process or self.before_answers is None:
@@ -415,6 +416,9 @@ class VLMGRPORecipeTrainer:
             "train": getattr(self, "train_metrics", {}),
             "grpo": {k: v for k, v in cfg.grpo_kwargs().items() if isinstance(v, (int, float, str, bool, type(None)))},
         }
+        kinds = [k for k in dict.fromkeys(r.get("kind") for r in rows) if k is not None]
+        if kinds:
+            extra["by_kind"] = kind_changes(before, after, names[0], kinds)
         return write_report(self.run_dir, before, after, keys, extra, x="step")
 
     def export(self) -> Path:

@@ -36,10 +36,8 @@ def main(argv: list[str] | None = None) -> dict:
     from mmalign.config import load_recipe
     from mmalign.eval.best_of_k import best_of_k_table
     from mmalign.files import write_text_atomic
-    from mmalign.models.ddim import DDIMPolicy
-    from mmalign.models.pipelines import load_sd_pipeline
+    from mmalign.models.pipelines import adapter_for, load_pipeline
     from mmalign.models.rollout import sample_trajectories
-    from mmalign.models.stable_diffusion import StableDiffusionAdapter
     from mmalign.prompts import PromptSource, load_prompts
     from mmalign.rewards import build
 
@@ -48,9 +46,9 @@ def main(argv: list[str] | None = None) -> dict:
     specs = [json.loads(r) if r.lstrip().startswith("{") else r for r in given]
     rewards = {(s if isinstance(s, str) else s["name"]): build(s) for s in specs}
     gold_reward = build("gold")
-    pipe = load_sd_pipeline(recipe.pipeline)
-    adapter = StableDiffusionAdapter(pipe, recipe.guidance_scale)
-    policy = DDIMPolicy(pipe.scheduler.config, recipe.num_steps, recipe.eta)
+    pipe = load_pipeline(recipe.pipeline)
+    adapter = adapter_for(pipe, recipe.guidance_scale)
+    policy = adapter.make_policy(recipe.num_steps, recipe.eta)
     prompts = load_prompts(PromptSource(world="heldout", n=args.prompts, seed=args.prompt_seed))
     texts = [t for t, _ in prompts for _ in range(args.samples)]
     metadata = [{**m, "group": g} for g, (_, m) in enumerate(prompts) for _ in range(args.samples)]
@@ -61,7 +59,7 @@ def main(argv: list[str] | None = None) -> dict:
     with torch.no_grad():
         for s in range(0, len(texts), args.batch):
             batch = sample_trajectories(adapter, policy, texts[s : s + args.batch], metadata[s : s + args.batch],
-                                        generator, unet=pipe.unet).media()
+                                        generator, denoiser=pipe.unet).media()
             scores["gold"].append(gold_reward(batch).scores.float())
             for name, reward in rewards.items():
                 scores[name].append(reward(batch).scores.float())

@@ -13,9 +13,8 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.media import MediaBatch
-from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.adapter import GeneratorAdapter, SamplingPolicy
 from mmalign.models.rollout import sample_trajectories
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.rewards import Reward
 
 __all__ = ["GeneratorEval", "evaluate_generator", "load_run_pipeline", "mean_ci"]
@@ -64,19 +63,19 @@ class GeneratorEval:
 
 @torch.no_grad()
 def evaluate_generator(
-    adapter: StableDiffusionAdapter,
-    policy: DDIMPolicy,
+    adapter: GeneratorAdapter,
+    policy: SamplingPolicy,
     prompts: Sequence[tuple[str, dict[str, Any]]],
     rewards: Mapping[str, Reward],
     samples_per_prompt: int = 1,
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
-    unet: torch.nn.Module | None = None,
+    denoiser: torch.nn.Module | None = None,
 ) -> GeneratorEval:
     """Sample ``samples_per_prompt`` images per prompt with seeds fixed by position, score them with every reward.
 
-    ``unet`` replaces the pipeline's (e.g. the reference policy of a LoRA run).
+    ``denoiser`` replaces the pipeline's (e.g. the reference policy of a LoRA run).
 
     Batch ``k`` draws its noise from ``seed + k``: the same prompts and seed give the same images before and
     after training, so differences are the model's, not the noise's.
@@ -88,7 +87,7 @@ def evaluate_generator(
         chunk = rows[start : start + batch_size]
         generator = torch.Generator().manual_seed(seed + k)
         trajectory = sample_trajectories(
-            adapter, policy, [t for t, _ in chunk], [m for _, m in chunk], generator, unet=unet
+            adapter, policy, [t for t, _ in chunk], [m for _, m in chunk], generator, denoiser=denoiser
         )
         media = trajectory.media()
         batches.append(media)
@@ -103,7 +102,7 @@ def evaluate_generator(
 def load_run_pipeline(run_dir: str | Path):
     """The pipeline a training run produced: its base with the exported LoRA, or its saved full pipeline;
     with the run's sampler settings (``num_steps``, ``eta``, ``guidance_scale``)."""
-    from mmalign.models.pipelines import load_sd_pipeline
+    from mmalign.models.pipelines import load_pipeline
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -118,11 +117,11 @@ def load_run_pipeline(run_dir: str | Path):
     if not isinstance(config, dict):
         raise ValueError(f"run: {str(config_path)!r}: expected a JSON object, got {type(config).__name__}")
     if (run_dir / "pipeline" / "model_index.json").is_file():
-        pipe = load_sd_pipeline(str(run_dir / "pipeline"))
+        pipe = load_pipeline(str(run_dir / "pipeline"))
     elif (run_dir / "lora").is_dir():
         if "pipeline" not in config:
             raise ValueError(f"run: {str(config_path)!r} names no base 'pipeline' for the LoRA in lora/")
-        pipe = load_sd_pipeline(config["pipeline"])
+        pipe = load_pipeline(config["pipeline"])
         try:
             pipe.load_lora_weights(str(run_dir / "lora"))
         except OSError as err:

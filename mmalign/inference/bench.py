@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
+from mmalign.models.adapter import GeneratorAdapter
 
 __all__ = ["OptimizeRow", "add_arguments", "bench_optimize", "run"]
 
@@ -28,7 +28,7 @@ class OptimizeRow:
         return self.prompts / self.seconds
 
 
-def bench_optimize(adapter: StableDiffusionAdapter, prompts: list[str], metadata: list[dict], reward,
+def bench_optimize(adapter: GeneratorAdapter, prompts: list[str], metadata: list[dict], reward,
                    iterations: int, num_steps: int) -> list[OptimizeRow]:
     """Seconds to optimise ``prompts`` in one batch, then one at a time (the same seeds)."""
     from mmalign.inference.reno import optimize_noise
@@ -62,11 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import json
 
-    from mmalign.models.pipelines import load_sd_pipeline
+    from mmalign.models.pipelines import adapter_for, load_pipeline
     from mmalign.prompts import PromptSource, load_prompts
     from mmalign.rewards import build
 
-    adapter = StableDiffusionAdapter(load_sd_pipeline(args.pipeline).to(args.device), args.guidance_scale)
+    adapter = adapter_for(load_pipeline(args.pipeline).to(args.device), args.guidance_scale)
     rows = load_prompts(PromptSource(world="heldout", n=args.prompts, seed=1))
     spec = json.loads(args.reward) if args.reward.startswith("{") else args.reward
     reward = build(spec).to(args.device)

@@ -25,9 +25,9 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.media import MediaBatch
-from mmalign.models.ddim import DDIMPolicy
+from mmalign.models.adapter import GeneratorAdapter
+from mmalign.models.pipelines import adapter_for
 from mmalign.models.rollout import sample_with_grad
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.rewards import Reward, build
 from mmalign.rewards.ensemble import Ensemble
 
@@ -94,7 +94,7 @@ class NoiseOptimization:
 
 
 def optimize_noise(
-    generator: StableDiffusionAdapter | Any,
+    generator: GeneratorAdapter | Any,
     prompts: Sequence[str],
     reward: Reward | str | dict | list,
     metadata: Sequence[dict[str, Any]] | None = None,
@@ -114,7 +114,7 @@ def optimize_noise(
     """Optimise the initial noise of each prompt against ``reward`` (ReNO), all prompts in one batch.
 
     Args:
-        generator: a ``StableDiffusionAdapter`` or a Stable Diffusion pipeline (wrapped with ``guidance_scale``;
+        generator: a ``GeneratorAdapter`` or a diffusers pipeline (wrapped in its family's adapter with ``guidance_scale``;
             1 disables guidance, as one-step models such as SD-Turbo sample).
         reward: a ``Reward`` or a reward spec (a list of specs with weights is their weighted sum); it must be
             differentiable in the pixels and score each sample alone.
@@ -127,7 +127,7 @@ def optimize_noise(
         gradient_checkpointing: recompute each UNet call and the VAE decoder in backward (memory of one step).
         callback: called with an ``IterationState`` after each evaluation; a true return stops the run.
     """
-    adapter = generator if isinstance(generator, StableDiffusionAdapter) else StableDiffusionAdapter(generator, guidance_scale)
+    adapter = adapter_for(generator, guidance_scale)
     prompts = list(prompts)
     reward = _checked_reward(reward)
     _check_settings(prompts, iterations, lr, momentum, grad_clip, regularization)
@@ -137,7 +137,7 @@ def optimize_noise(
     noise = _initial(noise, seeds, prompts, adapter.latent_shape)
     device = adapter.device
     reward.to(device)
-    policy = DDIMPolicy(adapter.scheduler_config, num_steps, eta=0.0)
+    policy = adapter.make_policy(num_steps, 0.0)
     embeds = adapter.encode_prompts(prompts)
     z = noise.to(device, torch.float32).clone().requires_grad_(True)
     optimizer = torch.optim.SGD([z], lr=lr, momentum=momentum, nesterov=momentum > 0)

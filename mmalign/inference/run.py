@@ -23,10 +23,9 @@ from mmalign.eval.generator import mean_ci
 from mmalign.eval.scoring import build_rewards, score_batch
 from mmalign.files import write_text_atomic
 from mmalign.media import MediaBatch
-from mmalign.models.ddim import DDIMPolicy
-from mmalign.models.pipelines import load_sd_pipeline
+from mmalign.models.adapter import GeneratorAdapter
+from mmalign.models.pipelines import adapter_for, load_pipeline
 from mmalign.models.rollout import sample_with_grad
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.prompts import PromptSource, load_prompts
 from mmalign.rewards import Reward, build
 from mmalign.rewards.ensemble import Ensemble
@@ -80,8 +79,8 @@ def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
     out = Path(recipe.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", recipe.model_dump_json(indent=2))
-    pipe = load_sd_pipeline(recipe.pipeline, getattr(torch, recipe.dtype)).to(recipe.device)
-    adapter = StableDiffusionAdapter(pipe, recipe.guidance_scale)
+    pipe = load_pipeline(recipe.pipeline, getattr(torch, recipe.dtype)).to(recipe.device)
+    adapter = adapter_for(pipe, recipe.guidance_scale)
     prompts = load_prompts(recipe.prompts)
     texts, metadata = [t for t, _ in prompts], [{**m, "group": i} for i, (_, m) in enumerate(prompts)]
     reward = build(recipe.reward if len(recipe.reward) > 1 else recipe.reward[0]).to(recipe.device)
@@ -136,11 +135,11 @@ def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def best_of_n(adapter: StableDiffusionAdapter, texts: list[str], metadata: list[dict], reward: Reward,
+def best_of_n(adapter: GeneratorAdapter, texts: list[str], metadata: list[dict], reward: Reward,
               recipe: ReNORecipe, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each prompt's best of ``recipe.iterations`` samples by ``reward`` (draw 0 is ReNO's initial noise):
     ``(pixels (B, 3, H, W), scores (B,), index of the chosen draw (B,))``; non-finite scores are never chosen."""
-    policy = DDIMPolicy(adapter.scheduler_config, recipe.num_steps, eta=0.0)
+    policy = adapter.make_policy(recipe.num_steps, 0.0)
     pairs = [(i, j) for i in range(len(texts)) for j in range(recipe.iterations)]
     chunk = recipe.batch_size * max(1, min(recipe.iterations, 8))
     best_scores = torch.full((len(texts),), -math.inf)
@@ -161,7 +160,7 @@ def best_of_n(adapter: StableDiffusionAdapter, texts: list[str], metadata: list[
     return best_pixels, torch.where(torch.isinf(best_scores), math.nan, best_scores), best_index
 
 
-def calibrate(reward: Reward, adapter: StableDiffusionAdapter, texts: list[str], metadata: list[dict],
+def calibrate(reward: Reward, adapter: GeneratorAdapter, texts: list[str], metadata: list[dict],
               recipe: ReNORecipe) -> None:
     """Set the standardisation of every ensemble inside ``reward`` from ``calibration_samples`` samples of the
     generator (draws apart from ReNO's and best-of-N's), then hold it: each prompt's score then depends on its
@@ -169,7 +168,7 @@ def calibrate(reward: Reward, adapter: StableDiffusionAdapter, texts: list[str],
     ensembles = [m for m in reward.modules() if isinstance(m, Ensemble) and m.standardize]
     if not ensembles:
         return
-    policy = DDIMPolicy(adapter.scheduler_config, recipe.num_steps, eta=0.0)
+    policy = adapter.make_policy(recipe.num_steps, 0.0)
     rows = [k % len(texts) for k in range(recipe.calibration_samples)]
     chunk = recipe.batch_size * 4
     with torch.no_grad():

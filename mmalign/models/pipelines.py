@@ -1,4 +1,5 @@
-"""Loading generator pipelines by name: a hub id, a folder, or a named source such as the shipped world's."""
+"""Loading generator pipelines by name (a hub id, a folder, or a named source such as the shipped world's) and
+wrapping them in the adapter of their family."""
 
 from __future__ import annotations
 
@@ -6,24 +7,44 @@ import torch
 
 from mmalign.config import import_object
 
-__all__ = ["PIPELINE_SOURCES", "load_sd_pipeline", "pretrained_pipeline"]
+__all__ = ["ADAPTERS", "PIPELINE_SOURCES", "adapter_for", "load_pipeline", "pretrained_pipeline"]
 
 #: names that are not hub ids or folders → loader ``(dtype=...) -> pipeline``, as import paths (the world is
 #: reached through this table, never imported by generic code).
 PIPELINE_SOURCES: dict[str, str] = {"world": "mmalign.world.assets:load_pipeline"}
 
+#: diffusers pipeline class → the adapter of its family, as import paths (a subclass of a listed pipeline gets
+#: its nearest listed base's adapter).
+ADAPTERS: dict[str, str] = {
+    "StableDiffusionPipeline": "mmalign.models.stable_diffusion:StableDiffusionAdapter",
+}
 
-def load_sd_pipeline(name: str, dtype: torch.dtype = torch.float32):
-    """A named source's pipeline (``"world"``: the shipped shapes pipeline), else
-    ``StableDiffusionPipeline.from_pretrained(name)``; progress bars off (samplers call it in loops)."""
-    from diffusers import StableDiffusionPipeline
+#: loading options of a pipeline class that others do not take
+_LOAD_OPTIONS: dict[str, dict] = {"StableDiffusionPipeline": {"safety_checker": None}}
+
+
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
+    """A named source's pipeline (``"world"``: the shipped shapes pipeline), else the pipeline class a folder or
+    hub id names in its ``model_index.json`` (SD, SDXL, SD3, Flux, …), loaded with ``from_pretrained``; progress
+    bars off (samplers call it in loops)."""
+    import diffusers
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"pipeline: expected {', '.join(map(repr, PIPELINE_SOURCES))}, a hub id or a pipeline folder, "
                          f"got {name!r}")
     if name in PIPELINE_SOURCES:
         return import_object(PIPELINE_SOURCES[name])(dtype=dtype)
-    return pretrained_pipeline(StableDiffusionPipeline, name, dtype=dtype, safety_checker=None)
+    try:
+        class_name = diffusers.DiffusionPipeline.load_config(name)["_class_name"]
+    except (OSError, ValueError, KeyError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ValueError(f"pipeline: expected a pipeline folder (model_index.json) or a hub id, got {name!r} "
+                         f"({reason})") from None
+    cls = getattr(diffusers, class_name, None)
+    if cls is None:
+        raise ValueError(f"pipeline: {name!r} names the pipeline class {class_name!r}, which this diffusers "
+                         f"({diffusers.__version__}) does not have")
+    return pretrained_pipeline(cls, name, dtype=dtype, **_LOAD_OPTIONS.get(class_name, {}))
 
 
 def pretrained_pipeline(cls, name: str, **kwargs):
@@ -37,3 +58,15 @@ def pretrained_pipeline(cls, name: str, **kwargs):
                          f"({reason})") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def adapter_for(pipeline, guidance_scale: float = 5.0, **options):
+    """The generator adapter of ``pipeline``'s family (an adapter is returned as it is)."""
+    from mmalign.models.adapter import GeneratorAdapter
+
+    if isinstance(pipeline, GeneratorAdapter):
+        return pipeline
+    for cls in type(pipeline).__mro__:
+        if cls.__name__ in ADAPTERS:
+            return import_object(ADAPTERS[cls.__name__])(pipeline, guidance_scale, **options)
+    raise TypeError(f"pipeline: expected one of {', '.join(ADAPTERS)} (or a subclass), got {type(pipeline).__name__}")

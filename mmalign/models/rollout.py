@@ -11,8 +11,8 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from mmalign.models.ddim import DDIMPolicy, StepOutput, alphas_cumprod, predictions_from_output
-from mmalign.models.stable_diffusion import PromptEmbeds, StableDiffusionAdapter
+from mmalign.models.adapter import GeneratorAdapter, PromptEmbeds, SamplingPolicy
+from mmalign.models.ddim import StepOutput
 from mmalign.models.trajectory import Trajectory
 
 __all__ = [
@@ -29,23 +29,23 @@ __all__ = [
 
 @torch.no_grad()
 def sample_trajectories(
-    adapter: StableDiffusionAdapter,
-    policy: DDIMPolicy,
+    adapter: GeneratorAdapter,
+    policy: SamplingPolicy,
     prompts: Sequence[str],
     metadata: Sequence[dict[str, Any]] | None = None,
     generator: torch.Generator | None = None,
-    unet: torch.nn.Module | None = None,
+    denoiser: torch.nn.Module | None = None,
     progress: bool = False,
     group_size: int = 1,
 ) -> Trajectory:
-    """Sample one trajectory per prompt with ``unet`` (default: the pipeline's), storing every step's log-prob.
+    """Sample one trajectory per prompt with ``denoiser`` (default: the pipeline's), storing every step's log-prob.
 
     The initial noise and every step's noise come from ``generator``, so a seeded generator reproduces the batch.
     With ``group_size`` k, each run of k consecutive samples starts from one initial noise: the initial noise is
     not an action of the policy (it has no log-prob), so within such a group every reward difference comes from
     the steps the policy is credited with.
     """
-    unet = adapter.unet if unet is None else unet
+    denoiser = adapter.denoiser if denoiser is None else denoiser
     prompts = list(prompts)
     if not isinstance(group_size, int) or group_size < 1 or len(prompts) % group_size:
         raise ValueError(f"group_size: expected a positive int dividing the {len(prompts)} prompts, got {group_size!r}")
@@ -56,7 +56,7 @@ def sample_trajectories(
     x = torch.randn(shape, generator=generator, device=noise_device).to(device).repeat_interleave(group_size, 0)
     latents, log_probs = [x], []
     for index, t in enumerate(tqdm(policy.timesteps, desc="sampling", leave=False, disable=not progress)):
-        out = adapter.model_output(unet, x, t, embeds)
+        out = adapter.model_output(denoiser, x, t, embeds)
         step = policy.step(out, x, index, generator=generator)
         x = step.prev_sample
         latents.append(x)
@@ -74,28 +74,28 @@ def sample_trajectories(
 
 
 def step_log_probs(
-    adapter: StableDiffusionAdapter, policy: DDIMPolicy, unet: torch.nn.Module, trajectory: Trajectory, index: int
+    adapter: GeneratorAdapter, policy: SamplingPolicy, denoiser: torch.nn.Module, trajectory: Trajectory, index: int
 ) -> torch.Tensor:
-    """``(B,)`` fp64 log-probs of step ``index`` of each stored trajectory under ``unet`` (with autograd)."""
+    """``(B,)`` fp64 log-probs of step ``index`` of each stored trajectory under ``denoiser`` (with autograd)."""
     x = trajectory.latents[:, index]
-    out = adapter.model_output(unet, x, trajectory.timesteps[index], trajectory.embeds)
+    out = adapter.model_output(denoiser, x, trajectory.timesteps[index], trajectory.embeds)
     return policy.step(out, x, index, prev_sample=trajectory.latents[:, index + 1]).log_prob
 
 
 @torch.no_grad()
 def trajectory_log_probs(
-    adapter: StableDiffusionAdapter, policy: DDIMPolicy, unet: torch.nn.Module, trajectory: Trajectory
+    adapter: GeneratorAdapter, policy: SamplingPolicy, denoiser: torch.nn.Module, trajectory: Trajectory
 ) -> torch.Tensor:
-    """``(B, T)`` fp64 log-probs of every step under ``unet``, without gradients (reference or current)."""
+    """``(B, T)`` fp64 log-probs of every step under ``denoiser``, without gradients (reference or current)."""
     return torch.stack(
-        [step_log_probs(adapter, policy, unet, trajectory, i) for i in range(trajectory.num_steps)], 1
+        [step_log_probs(adapter, policy, denoiser, trajectory, i) for i in range(trajectory.num_steps)], 1
     )
 
 
 def backward_per_step(
-    adapter: StableDiffusionAdapter,
-    policy: DDIMPolicy,
-    unet: torch.nn.Module,
+    adapter: GeneratorAdapter,
+    policy: SamplingPolicy,
+    denoiser: torch.nn.Module,
     trajectory: Trajectory,
     mask: torch.Tensor,
     loss: Callable[[int, torch.Tensor, StepOutput], torch.Tensor],
@@ -103,7 +103,7 @@ def backward_per_step(
 ) -> None:
     """Back-propagate ``loss(t, rows, step)`` for every step ``t`` with ``mask[:, t]`` set, one timestep at a time.
 
-    ``rows`` are the indices where ``mask[:, t]`` holds and ``step`` re-scores their stored step ``t`` under ``unet``
+    ``rows`` are the indices where ``mask[:, t]`` holds and ``step`` re-scores their stored step ``t`` under ``denoiser``
     with autograd (``step.log_prob``, ``step.mean``). Any loss that is a sum over (sample, step) terms trains this
     way with one UNet graph alive, so memory does not grow with the number of steps. ``no_sync`` (e.g.
     ``lambda: accelerator.no_sync(model)``) is entered for every step but the last, so distributed gradients are
@@ -117,15 +117,15 @@ def backward_per_step(
         context = no_sync() if no_sync is not None and position < len(steps) - 1 else nullcontext()
         with context:
             x = part.latents[:, index]
-            out = adapter.model_output(unet, x, part.timesteps[index], part.embeds)
+            out = adapter.model_output(denoiser, x, part.timesteps[index], part.embeds)
             step = policy.step(out, x, index, prev_sample=part.latents[:, index + 1])
             loss(index, rows, step).float().backward()
 
 
 def backward_weighted_log_probs(
-    adapter: StableDiffusionAdapter,
-    policy: DDIMPolicy,
-    unet: torch.nn.Module,
+    adapter: GeneratorAdapter,
+    policy: SamplingPolicy,
+    denoiser: torch.nn.Module,
     trajectory: Trajectory,
     coef: torch.Tensor,
     no_sync=None,
@@ -136,7 +136,7 @@ def backward_weighted_log_probs(
     def weighted(index: int, rows: torch.Tensor, step: StepOutput) -> torch.Tensor:
         return (coef[rows.to(coef.device), index].to(step.log_prob) * step.log_prob).sum()
 
-    backward_per_step(adapter, policy, unet, trajectory, coef.ne(0), weighted, no_sync)
+    backward_per_step(adapter, policy, denoiser, trajectory, coef.ne(0), weighted, no_sync)
 
 
 class GradSample(NamedTuple):
@@ -153,12 +153,12 @@ StepHook = Callable[[int, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def sample_with_grad(
-    adapter: StableDiffusionAdapter,
-    policy: DDIMPolicy,
+    adapter: GeneratorAdapter,
+    policy: SamplingPolicy,
     prompts: Sequence[str],
     noise: torch.Tensor,
     generator: torch.Generator | None = None,
-    unet: torch.nn.Module | None = None,
+    denoiser: torch.nn.Module | None = None,
     grad_steps: int | torch.Tensor | None = None,
     gradient_checkpointing: bool = False,
     start_index: int = 0,
@@ -179,7 +179,7 @@ def sample_with_grad(
     ``embeds`` reuses stored prompt embeddings; ``on_step`` adds a per-step term, e.g. a penalty towards a
     reference model's output at the same ``x_t``.
     """
-    unet = adapter.unet if unet is None else unet
+    denoiser = adapter.denoiser if denoiser is None else denoiser
     prompts = list(prompts)
     if noise.shape != (len(prompts), *adapter.latent_shape):
         raise ValueError(f"noise: expected shape {(len(prompts), *adapter.latent_shape)}, got {tuple(noise.shape)}")
@@ -196,13 +196,13 @@ def sample_with_grad(
         keep = first_kept <= index
         if not bool(keep.any()):
             with torch.no_grad():
-                x = policy.step(adapter.model_output(unet, x, t, embeds), x, index, generator=generator).prev_sample
+                x = policy.step(adapter.model_output(denoiser, x, t, embeds), x, index, generator=generator).prev_sample
             continue
         x = torch.where(keep.view(-1, 1, 1, 1), x, x.detach())  # samples whose truncation lies later
         if gradient_checkpointing:
-            out = checkpoint(adapter.model_output, unet, x, t, embeds, use_reentrant=False)
+            out = checkpoint(adapter.model_output, denoiser, x, t, embeds, use_reentrant=False)
         else:
-            out = adapter.model_output(unet, x, t, embeds)
+            out = adapter.model_output(denoiser, x, t, embeds)
         if on_step is not None:
             penalty = penalty + on_step(index, x, out)
         x = policy.step(out, x, index, generator=generator).prev_sample
@@ -225,21 +225,20 @@ def _kept_steps(grad_steps: int | torch.Tensor | None, remaining: int, batch: in
 
 
 def denoise_in_one_step(
-    adapter: StableDiffusionAdapter,
-    unet: torch.nn.Module,
+    adapter: GeneratorAdapter,
+    denoiser: torch.nn.Module,
     x0: torch.Tensor,
     noise: torch.Tensor,
     timesteps: torch.Tensor,
     embeds: PromptEmbeds,
-    scheduler_config,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Direct-Align's ground-truth-noise prior: noise ``x0`` with known ``noise`` to ``x_t = √ᾱ·x0 + √(1−ᾱ)·ε`` at
-    per-sample ``timesteps`` ``(B,)``, and recover ``x̂0`` from one guided model call (with autograd).
+    """Direct-Align's ground-truth-noise prior: noise ``x0`` with known ``noise`` by the adapter's forward process
+    (``x_t = √ᾱ·x0 + √(1−ᾱ)·ε``, or ``(1−σ)·x0 + σ·ε`` for flow models) at per-sample ``timesteps`` ``(B,)``, and
+    recover ``x̂0`` from one guided model call (with autograd).
 
     Returns ``(x̂0, x_t, model_output)``; the model output is in the pipeline's prediction type.
     """
-    alphas = alphas_cumprod(scheduler_config).to(x0.device)[timesteps.to(x0.device).long()].view(-1, 1, 1, 1)
-    x_t = alphas.sqrt() * x0 + (1 - alphas).sqrt() * noise.to(x0)
-    out = adapter.model_output(unet, x_t, timesteps.to(adapter.device), embeds)
-    x0_hat, _ = predictions_from_output(out, x_t, alphas, scheduler_config.prediction_type)
-    return x0_hat, x_t, out
+    process = adapter.forward_process
+    x_t = process.noise(x0, noise, timesteps)
+    out = adapter.model_output(denoiser, x_t, timesteps.to(adapter.device), embeds)
+    return process.clean_prediction(out, x_t, timesteps), x_t, out

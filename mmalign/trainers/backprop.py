@@ -101,16 +101,13 @@ class BackpropTrainer(DiffusionTrainer):
         if not reward.differentiable:
             raise ValueError(f"reward: {reward.name!r} is not differentiable in the pixels; use prdp, ddpo or "
                              "diffusion_grpo for a black-box reward")
-        low, high = self.config.timestep_range
-        steps = self.loop.adapter.scheduler_config.num_train_timesteps
-        self.timestep_bounds = (int(low * (steps - 1)), int(high * (steps - 1)))
 
     def update(self, trajectory: Trajectory, epoch: int) -> dict[str, float]:
         """One optimiser step per ``prompts_per_update`` prompt groups, ``inner_steps`` passes."""
         cfg, loop, acc = self.config, self.loop, self.loop.accelerator
         totals = {"loss": 0.0, "reward_loss": 0.0, "penalty": 0.0, "grad_norm": 0.0}
         updates = skipped = 0
-        loop.unet.train()
+        loop.denoiser.train()
         for k in range(cfg.inner_steps):
             for batch, index in enumerate(loop.minibatches(trajectory, epoch, k)):
                 part = trajectory.select(index)
@@ -132,7 +129,7 @@ class BackpropTrainer(DiffusionTrainer):
                 totals["reward_loss"] += float(reward_loss.detach())
                 totals["penalty"] += float(penalty.detach())
                 updates += 1
-        loop.unet.eval()
+        loop.denoiser.eval()
         metrics = {key: value / max(updates, 1) for key, value in totals.items()}
         metrics["skipped_steps"] = skipped
         return metrics
@@ -144,11 +141,9 @@ class BackpropTrainer(DiffusionTrainer):
         on_step = self._reference_penalty(part) if cfg.reference_weight > 0 else None
         if cfg.method == "direct_align":
             x0 = part.latents[:, -1]
-            low, high = self.timestep_bounds
-            t = torch.randint(low, high + 1, (len(part),), generator=generator)
+            t = loop.adapter.forward_process.sample_timesteps(len(part), *cfg.timestep_range, generator=generator)
             noise = torch.randn(x0.shape, generator=generator).to(x0)
-            x0_hat, x_t, out = denoise_in_one_step(loop.adapter, loop.unet, x0, noise, t, part.embeds,
-                                                   loop.adapter.scheduler_config)
+            x0_hat, x_t, out = denoise_in_one_step(loop.adapter, loop.denoiser, x0, noise, t, part.embeds)
             penalty = on_step(t, x_t, out) if on_step is not None else x0.new_zeros(())
             decode = loop.adapter.decode
             pixels = checkpoint(decode, x0_hat, use_reentrant=False) if cfg.decoder_checkpointing else decode(x0_hat)
@@ -159,7 +154,7 @@ class BackpropTrainer(DiffusionTrainer):
             kept = torch.full((len(part),), cfg.grad_steps)
         start = part.num_steps - int(kept.max())
         out = sample_with_grad(
-            loop.adapter, loop.policy, part.prompts, part.latents[:, start], generator, loop.unet, kept,
+            loop.adapter, loop.policy, part.prompts, part.latents[:, start], generator, loop.denoiser, kept,
             cfg.gradient_checkpointing, start, part.embeds, on_step, cfg.decoder_checkpointing,
         )
         penalty = out.penalty if isinstance(out.penalty, torch.Tensor) else out.latents.new_zeros(())
@@ -172,7 +167,7 @@ class BackpropTrainer(DiffusionTrainer):
 
         def penalty(index_or_t, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             timestep = index_or_t if isinstance(index_or_t, torch.Tensor) else loop.policy.timesteps[index_or_t]
-            with torch.no_grad(), reference_policy(loop.raw_unet, loop.ref_copy) as ref:
+            with torch.no_grad(), reference_policy(loop.raw_denoiser, loop.ref_copy) as ref:
                 target = loop.adapter.model_output(ref, x.detach(), timestep, part.embeds)
             return (out.float() - target.float()).pow(2).mean()
 

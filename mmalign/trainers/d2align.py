@@ -122,15 +122,15 @@ class D2AlignTrainer(BackpropTrainer):
         generator = loop.run.generator(0, _NOISE)
         chunk = max(1, cfg.prompts_per_update)
         images, texts = [], []
-        loop.unet.eval()
+        loop.denoiser.eval()
         for start in range(0, len(mine), chunk):
             prompts, metadata = [], []
             for index in mine[start : start + chunk]:
                 text, meta = loop.prompts[index]
                 prompts += [text] * cfg.samples_per_prompt
                 metadata += [dict(meta) for _ in range(cfg.samples_per_prompt)]
-            with acc.autocast(), reference_policy(loop.raw_unet, loop.ref_copy) as base:
-                trajectory = sample_trajectories(loop.adapter, loop.policy, prompts, metadata, generator, unet=base)
+            with acc.autocast(), reference_policy(loop.raw_denoiser, loop.ref_copy) as base:
+                trajectory = sample_trajectories(loop.adapter, loop.policy, prompts, metadata, generator, denoiser=base)
             media = trajectory.media()
             image = frame_embeddings(backbone, media)
             images.append(image.float())

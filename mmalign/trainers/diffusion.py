@@ -2,7 +2,7 @@
 
 ``DiffusionConfig`` holds the fields every diffusion recipe has (pipeline, prompts, reward, sampler, budget,
 optimiser, LoRA, run folder, report); an algorithm's config adds its own. ``DiffusionLoop`` is the component an
-algorithm's trainer holds: ``setup`` (pipeline, LoRA or a frozen reference, DDIM-η policy, optimiser, EMA, the
+algorithm's trainer holds: ``setup`` (pipeline, LoRA or a frozen reference, sampling policy, optimiser, EMA, the
 ``Run``), ``train(update)`` (each epoch: ``rollout`` → ``score`` → ``update`` → log → checkpoint, resuming from
 the run folder), ``report``, ``export`` and ``cleanup``. The algorithm supplies ``update(trajectory, epoch)``
 and nothing else.
@@ -23,17 +23,14 @@ from tqdm.auto import tqdm
 from mmalign.config import Recipe, StrictModel
 from mmalign.eval.scoring import build_rewards
 from mmalign.files import write_atomic
-from mmalign.models.ddim import DDIMPolicy
-from mmalign.models.pipelines import load_sd_pipeline
+from mmalign.models.pipelines import adapter_for, load_pipeline
 from mmalign.models.rollout import sample_trajectories, trajectory_log_probs
-from mmalign.models.stable_diffusion import StableDiffusionAdapter
 from mmalign.models.trajectory import Trajectory
 from mmalign.prompts import PromptSource, load_prompts
 from mmalign.rewards.registry import RewardSpecs
 from mmalign.trainers.lora import (
     LoRAConfig,
     attach_lora,
-    export_lora,
     frozen_reference,
     reference_policy,
     trainable_state,
@@ -166,25 +163,26 @@ class DiffusionLoop:
         self.run = Run(cfg, cfg.output_dir, cfg.seed, cfg.mixed_precision, cfg.trackers, f"mmalign-{cfg.task}",
                        self.progress)
         device = self.run.device
-        pipe = self._pipeline or load_sd_pipeline(cfg.pipeline)
+        pipe = self._pipeline or load_pipeline(cfg.pipeline)
         pipe.to(device)
-        pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+        self.adapter = adapter = adapter_for(pipe, cfg.guidance_scale)
+        for module in adapter.frozen_modules:
+            module.requires_grad_(False)
+        denoiser = adapter.denoiser
         self.ref_copy = None
         if cfg.lora is not None:
-            attach_lora(pipe.unet, cfg.lora)
+            attach_lora(denoiser, cfg.lora, adapter.lora_targets)
         else:
-            self.ref_copy = frozen_reference(pipe.unet)
-            pipe.unet.requires_grad_(True)
+            self.ref_copy = frozen_reference(denoiser)
+            denoiser.requires_grad_(True)
         if cfg.gradient_checkpointing:
-            pipe.unet.enable_gradient_checkpointing()
-        self.adapter = StableDiffusionAdapter(pipe, cfg.guidance_scale)
-        self.policy = DDIMPolicy(pipe.scheduler.config, cfg.num_steps, cfg.eta)
+            denoiser.enable_gradient_checkpointing()
+        self.policy = adapter.make_policy(cfg.num_steps, cfg.eta)
         floor = cfg.min_step_std_fraction * max(self.policy.stds)
         self.trained_steps = torch.tensor([std >= floor for std in self.policy.stds])
-        params = list(trainable_state(pipe.unet).values())
+        params = list(trainable_state(denoiser).values())
         optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-        self.unet, self.optimizer = self.run.accelerator.prepare(pipe.unet, optimizer)
+        self.denoiser, self.optimizer = self.run.accelerator.prepare(denoiser, optimizer)
         self.ema = None
         if cfg.ema_decay is not None:
             from diffusers.training_utils import EMAModel
@@ -207,12 +205,12 @@ class DiffusionLoop:
         return self.run.run_dir
 
     @property
-    def raw_unet(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.unet)
+    def raw_denoiser(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.denoiser)
 
     def resume(self) -> None:
         """Continue from the run folder's latest checkpoint: weights, optimiser, scaler, EMA, algorithm state."""
-        checkpoint = self.run.resume(trainable_state(self.raw_unet), self.optimizer)
+        checkpoint = self.run.resume(trainable_state(self.raw_denoiser), self.optimizer)
         if checkpoint is None:
             return
         if self.ema is not None and checkpoint.extra.get("ema"):
@@ -261,17 +259,17 @@ class DiffusionLoop:
             for _ in range(cfg.samples_per_prompt):
                 texts.append(text)
                 metadata.append({**meta, "group": first_group + g, "prompt_index": index})
-        self.unet.eval()
+        self.denoiser.eval()
         with acc.autocast():
             trajectory = sample_trajectories(
-                self.adapter, self.policy, texts, metadata, self.run.generator(epoch, 0), unet=self.raw_unet,
+                self.adapter, self.policy, texts, metadata, self.run.generator(epoch, 0), denoiser=self.raw_denoiser,
                 group_size=cfg.samples_per_prompt if cfg.shared_initial_noise else 1,
             )
             if self.needs_reference:
-                with reference_policy(self.raw_unet, self.ref_copy) as ref:
+                with reference_policy(self.raw_denoiser, self.ref_copy) as ref:
                     trajectory.ref_log_probs = trajectory_log_probs(self.adapter, self.policy, ref, trajectory)
             if epoch == self.start_epoch:  # the training path must re-score exactly what sampling produced
-                assert_ratio_is_one(trajectory_log_probs(self.adapter, self.policy, self.unet, trajectory),
+                assert_ratio_is_one(trajectory_log_probs(self.adapter, self.policy, self.denoiser, trajectory),
                                     trajectory.log_probs)
         return trajectory
 
@@ -306,16 +304,16 @@ class DiffusionLoop:
 
     def no_sync(self):
         """For ``backward_per_step``: gradients are all-reduced once per optimiser step."""
-        return self.accelerator.no_sync(self.unet)
+        return self.accelerator.no_sync(self.denoiser)
 
     def optimizer_step(self) -> float:
         """Clip, step, zero the gradients, update the EMA; returns the gradient norm before clipping."""
         cfg = self.config
-        grad_norm = self.accelerator.clip_grad_norm_(self.unet.parameters(), cfg.max_grad_norm or float("inf"))
+        grad_norm = self.accelerator.clip_grad_norm_(self.denoiser.parameters(), cfg.max_grad_norm or float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.step(trainable_state(self.raw_unet).values())
+            self.ema.step(trainable_state(self.raw_denoiser).values())
         self.step += 1
         return float(grad_norm)
 
@@ -348,21 +346,21 @@ class DiffusionLoop:
             self._eval_rewards = {"reward": self.reward, **build_rewards(specs, self.run.device)}
             self._eval_reference: torch.Tensor | None = None
 
-        def sample(unet, rewards):
+        def sample(denoiser, rewards):
             return evaluate_generator(self.adapter, self.policy, self._eval_prompts, rewards, cfg.samples_per_prompt,
-                                      cfg.seed, progress=False, unet=unet)
+                                      cfg.seed, progress=False, denoiser=denoiser)
 
         devices = [self.run.device] if self.run.device.type == "cuda" else []
-        was_training = self.unet.training
-        self.unet.eval()
+        was_training = self.denoiser.training
+        self.denoiser.eval()
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
             if self._eval_reference is None:
-                with reference_policy(self.raw_unet, self.ref_copy) as ref:
+                with reference_policy(self.raw_denoiser, self.ref_copy) as ref:
                     self._eval_reference = sample(ref, {}).batch.pixels.float()
             with self.ema_weights():
-                current = sample(self.raw_unet, self._eval_rewards)
+                current = sample(self.raw_denoiser, self._eval_rewards)
             diversity = self._eval_diversity(current)
-        self.unet.train(was_training)
+        self.denoiser.train(was_training)
         row: dict[str, Any] = {"eval": True, "epoch": epochs_done, "step": self.step}
         for key, values in current.scores.items():
             finite = values[torch.isfinite(values)].double()
@@ -395,7 +393,7 @@ class DiffusionLoop:
     def save_checkpoint(self, epoch: int) -> None:
         extra = {"ema": self.ema.state_dict() if self.ema is not None else {}}
         extra.update({name: obj.state_dict() for name, obj in self.state.items()})
-        self.run.save_checkpoint(epoch, self.step, trainable_state(self.raw_unet), self.optimizer, extra,
+        self.run.save_checkpoint(epoch, self.step, trainable_state(self.raw_denoiser), self.optimizer, extra,
                                  self.config.keep_checkpoints)
 
     def _log_samples(self, trajectory: Trajectory) -> None:
@@ -412,7 +410,7 @@ class DiffusionLoop:
         if self.ema is None:
             yield
             return
-        params = list(trainable_state(self.raw_unet).values())
+        params = list(trainable_state(self.raw_denoiser).values())
         self.ema.store(params)
         self.ema.copy_to(params)
         try:
@@ -434,11 +432,11 @@ class DiffusionLoop:
         runs = {}
         for tag in ("before", "after"):
             with torch.no_grad(), self.accelerator.autocast(), self.ema_weights():
-                context = reference_policy(self.raw_unet, self.ref_copy) if tag == "before" else nullcontext(self.raw_unet)
-                with context as unet:
+                context = reference_policy(self.raw_denoiser, self.ref_copy) if tag == "before" else nullcontext(self.raw_denoiser)
+                with context as denoiser:
                     runs[tag] = evaluate_generator(
                         self.adapter, self.policy, prompts, rewards, cfg.report.samples_per_prompt, cfg.report.seed,
-                        progress=self.progress, unet=unet,
+                        progress=self.progress, denoiser=denoiser,
                     )
         encoder, encoder_name = self._diversity_encoder()
         for run in runs.values():
@@ -477,7 +475,7 @@ class DiffusionLoop:
         if self.run.is_main:
             with self.ema_weights():
                 if self.config.lora is not None:
-                    write_atomic(out, lambda tmp: export_lora(self.raw_unet, tmp))
+                    write_atomic(out, lambda tmp: self.adapter.export_lora(self.raw_denoiser, tmp))
                 else:
                     write_atomic(out, self.adapter.pipeline.save_pretrained)
         return out

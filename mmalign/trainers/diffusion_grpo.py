@@ -73,7 +73,7 @@ class GRPOTrainer(DiffusionTrainer):
         loop = self.loop
         chosen = part.select(rows)
         x = chosen.latents[:, index]
-        with torch.no_grad(), reference_policy(loop.raw_unet, loop.ref_copy) as ref:
+        with torch.no_grad(), reference_policy(loop.raw_denoiser, loop.ref_copy) as ref:
             out = loop.adapter.model_output(ref, x, chosen.timesteps[index], chosen.embeds)
             ref_mean = loop.policy.step(out, x, index, prev_sample=chosen.latents[:, index + 1]).mean
         return self.config.beta * (step.mean - ref_mean).pow(2).flatten(1).sum(1) / (2 * step.std**2)

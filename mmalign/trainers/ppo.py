@@ -88,7 +88,7 @@ def ppo_update(
     advantages = torch.nan_to_num(advantages, nan=0.0)
     totals = {"loss": 0.0, "clip_fraction": 0.0, "approx_kl": 0.0, "penalty": 0.0, "pairs": 0}
     grad_norms, first = [], True
-    loop.unet.train()
+    loop.denoiser.train()
     for k in range(cfg.inner_steps):
         generator = loop.run.generator(epoch, _TIMESTEP_PURPOSE + k)
         for index in loop.minibatches(trajectory, epoch, k):
@@ -115,11 +115,11 @@ def ppo_update(
                 return terms.sum() / count
 
             with acc.autocast():
-                backward_per_step(loop.adapter, loop.policy, loop.unet, part, mask, loss, loop.no_sync)
+                backward_per_step(loop.adapter, loop.policy, loop.denoiser, part, mask, loss, loop.no_sync)
             grad_norms.append(loop.optimizer_step())
             totals["pairs"] += int(mask.sum())
             first = False
-    loop.unet.eval()
+    loop.denoiser.eval()
     pairs = acc.gather(torch.tensor([totals["pairs"]], dtype=torch.float64, device=acc.device)).sum()
     sums = acc.gather(torch.tensor([[totals[k] for k in ("loss", "clip_fraction", "approx_kl", "penalty")]],
                                    dtype=torch.float64, device=acc.device)).sum(0) / pairs.clamp(min=1)

@@ -50,27 +50,27 @@ class PRDPTrainer(DiffusionTrainer):
         rewards = torch.nan_to_num(trajectory.rewards, nan=0.0, posinf=0.0, neginf=0.0)
         totals = {"loss": 0.0, "clip_fraction": 0.0, "grad_norm": 0.0}
         updates, pairs, changed = 0, 0, False
-        loop.unet.train()
+        loop.denoiser.train()
         for k in range(cfg.inner_steps):
             for index in loop.minibatches(trajectory, epoch, k):
                 part = trajectory.select(index)
                 old = s_old[index.to(s_old.device)]
                 with acc.autocast():
                     if changed:
-                        s = (trajectory_log_probs(loop.adapter, loop.policy, loop.unet, part) - part.ref_log_probs) * trained
+                        s = (trajectory_log_probs(loop.adapter, loop.policy, loop.denoiser, part) - part.ref_log_probs) * trained
                     else:  # θ is still θ_old: the sampled log-probs are exact
                         s = old
                     terms = rdp_coefficients(s, old, rewards[index.to(rewards.device)],
                                              pair_indices(part.groups, valid[index]), cfg.beta, cfg.clip_range)
                     terms.coef[:, ~trained.to(terms.coef.device)] = 0  # untrained steps are not back-propagated
-                    backward_weighted_log_probs(loop.adapter, loop.policy, loop.unet, part, terms.coef, loop.no_sync)
+                    backward_weighted_log_probs(loop.adapter, loop.policy, loop.denoiser, part, terms.coef, loop.no_sync)
                 totals["grad_norm"] += loop.optimizer_step()
                 totals["loss"] += terms.loss
                 totals["clip_fraction"] += terms.clip_fraction
                 updates, pairs, changed = updates + 1, pairs + terms.num_pairs, True
-        loop.unet.eval()
+        loop.denoiser.eval()
         with torch.no_grad(), acc.autocast():
-            new = trajectory_log_probs(loop.adapter, loop.policy, loop.raw_unet, trajectory)
+            new = trajectory_log_probs(loop.adapter, loop.policy, loop.raw_denoiser, trajectory)
         delta = new - trajectory.log_probs
         metrics = {k: v / max(updates, 1) for k, v in totals.items()}
         metrics["pairs"] = pairs

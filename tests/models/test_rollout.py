@@ -56,7 +56,7 @@ def test_truncated_gradient_in_the_weights_matches_finite_differences(setup, gra
     """DRaFT-K: the gradient of a UNet weight through the last K steps equals the finite difference of the loss
     computed with the earlier steps' weights held fixed (they are outside the graph)."""
     adapter, policy = setup
-    unet = adapter.unet
+    unet = adapter.denoiser
     weight = unet.conv_out.weight
     noise = _noise(adapter)
     unet.zero_grad(set_to_none=True)
@@ -97,14 +97,14 @@ def test_per_sample_truncation_cuts_each_samples_own_chain(setup):
 
 def test_gradient_checkpointing_gives_the_same_gradients(setup):
     adapter, policy = setup
-    weight = adapter.unet.conv_out.weight
+    weight = adapter.denoiser.conv_out.weight
     grads = []
     for flag in (False, True):
-        adapter.unet.zero_grad(set_to_none=True)
+        adapter.denoiser.zero_grad(set_to_none=True)
         _loss(adapter, policy, _noise(adapter), grad_steps=2, gradient_checkpointing=flag,
               decoder_checkpointing=flag).backward()
         grads.append(weight.grad.clone())
-    adapter.unet.zero_grad(set_to_none=True)
+    adapter.denoiser.zero_grad(set_to_none=True)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-10, atol=1e-12)
 
 

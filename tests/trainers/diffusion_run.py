@@ -117,7 +117,7 @@ def main() -> None:
             kill_after(trainer, int(sys.argv[sys.argv.index("--kill-after-epoch") + 1]))
 
     trainer = run(algorithm, out, epochs, "--report" in sys.argv, before_train)
-    unet = trainer.loop.raw_unet
+    unet = trainer.loop.raw_denoiser
     state = {k: v.detach().double().sum().item() for k, v in trainable_state(unet).items()}
     rank = trainer.loop.accelerator.process_index
     torch.save(dict(trainable_state(unet)), Path(out) / f"final-rank{rank}.pt")

@@ -52,9 +52,9 @@ def test_loss_gradient_matches_finite_differences(tmp_path, tiny_sd_factory, met
     depend on the weights (through a chain, the target moves with the visited states)."""
     trainer = _fp64_trainer(tmp_path, tiny_sd_factory, method=method, grad_steps=3, reference_weight=reference_weight)
     with torch.no_grad():  # move off the reference, so the penalty has a gradient too
-        trainer.loop.raw_unet.conv_out.bias.add_(0.05)
+        trainer.loop.raw_denoiser.conv_out.bias.add_(0.05)
     part = trainer.loop.rollout(0)
-    weight = trainer.loop.raw_unet.conv_out.weight
+    weight = trainer.loop.raw_denoiser.conv_out.weight
 
     def loss() -> torch.Tensor:
         pixels, penalty = trainer.differentiable_sample(part, torch.Generator().manual_seed(7))
@@ -103,8 +103,7 @@ def test_ground_truth_noise_prior_recovers_x0_from_the_true_noise(tiny_sd_factor
             return SimpleNamespace(sample=noise.repeat(x.shape[0] // noise.shape[0], 1, 1, 1))
 
     adapter = StableDiffusionAdapter(pipe, guidance_scale=3.0)
-    x0_hat, x_t, _ = denoise_in_one_step(adapter, Oracle(), x0, noise, t, adapter.encode_prompts(["a"] * 3),
-                                         pipe.scheduler.config)
+    x0_hat, x_t, _ = denoise_in_one_step(adapter, Oracle(), x0, noise, t, adapter.encode_prompts(["a"] * 3))
     torch.testing.assert_close(x_t, pipe.scheduler.add_noise(x0, noise, t))
     torch.testing.assert_close(x0_hat, x0)
 
@@ -126,9 +125,9 @@ def test_a_few_epochs_train_log_and_export(tmp_path, tiny_sd_factory):
     trainer = BackpropTrainer(config(str(tmp_path / "run"), 2, "backprop"), pipeline=tiny_sd_factory(seed=0),
                               progress=False)
     trainer.setup()
-    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_unet).items()}
+    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_denoiser).items()}
     metrics = trainer.train()
-    after = trainable_state(trainer.loop.raw_unet)
+    after = trainable_state(trainer.loop.raw_denoiser)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for key in ("loss", "reward_loss", "grad_norm", "reward/mean"):
         assert math.isfinite(metrics[key]), key
@@ -152,7 +151,7 @@ def test_non_finite_rewards_never_reach_the_optimiser(tmp_path, tiny_sd_factory)
     trainer = BackpropTrainer(cfg, pipeline=tiny_sd_factory(seed=0), progress=False)
     metrics = trainer.train()
     assert math.isfinite(metrics["loss"]) and metrics["skipped_steps"] == 0
-    assert all(torch.isfinite(v).all() for v in trainable_state(trainer.loop.raw_unet).values())
+    assert all(torch.isfinite(v).all() for v in trainable_state(trainer.loop.raw_denoiser).values())
     trainer.cleanup()
 
 

@@ -58,9 +58,9 @@ def test_stage_one_moves_b_and_stage_two_moves_the_generator(tmp_path, tiny_sd_f
     assert float(meta["objective_after"]) < float(meta["objective_before"])
     assert float(meta["cos_with_mean_image"]) < 0  # away from where the frozen samples sit
 
-    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_unet).items()}
+    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_denoiser).items()}
     trainer.train()
-    after = trainable_state(trainer.loop.raw_unet)
+    after = trainable_state(trainer.loop.raw_denoiser)
     assert any(not torch.equal(before[k], after[k]) for k in before), "stage 2 changed no trainable weight"
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("loss", "grad_norm", "reward/mean", "reward/corrected_cosine/mean", "reward/cosine/mean"):

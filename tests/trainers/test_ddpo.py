@@ -61,9 +61,9 @@ def test_timestep_mask_trains_a_fraction_of_the_trained_steps():
 def test_a_few_epochs_train_log_and_export(tmp_path, tiny_sd_factory):
     trainer = DDPOTrainer(config(str(tmp_path / "run"), 2, "ddpo"), pipeline=tiny_sd_factory(seed=0), progress=False)
     trainer.setup()
-    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_unet).items()}
+    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_denoiser).items()}
     metrics = trainer.train()
-    after = trainable_state(trainer.loop.raw_unet)
+    after = trainable_state(trainer.loop.raw_denoiser)
     assert any(not torch.equal(before[k], after[k]) for k in before)
     for key in ("loss", "clip_fraction", "approx_kl", "zero_spread_groups", "reward/mean", "grad_norm"):
         assert math.isfinite(metrics[key]), key

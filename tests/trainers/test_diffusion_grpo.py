@@ -35,19 +35,19 @@ def test_kl_penalty_is_the_gaussian_kl_to_the_reference(tmp_path, tiny_sd_factor
     trainer.setup()
     loop = trainer.loop
     with torch.no_grad():  # move the policy away from the reference (LoRA B starts at zero)
-        for name, p in loop.raw_unet.named_parameters():
+        for name, p in loop.raw_denoiser.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.05)
     trajectory = loop.rollout(0)
     index, rows = 1, torch.arange(len(trajectory))
     x = trajectory.latents[:, index]
-    out = loop.adapter.model_output(loop.raw_unet, x, trajectory.timesteps[index], trajectory.embeds)
+    out = loop.adapter.model_output(loop.raw_denoiser, x, trajectory.timesteps[index], trajectory.embeds)
     step = loop.policy.step(out, x, index, prev_sample=trajectory.latents[:, index + 1])
     penalty = trainer.kl_to_reference(index, rows, step, trajectory)
     with torch.no_grad():
-        loop.raw_unet.disable_adapters()
-        ref_out = loop.adapter.model_output(loop.raw_unet, x, trajectory.timesteps[index], trajectory.embeds)
-        loop.raw_unet.enable_adapters()
+        loop.raw_denoiser.disable_adapters()
+        ref_out = loop.adapter.model_output(loop.raw_denoiser, x, trajectory.timesteps[index], trajectory.embeds)
+        loop.raw_denoiser.enable_adapters()
     ref_mean = loop.policy.step(ref_out, x, index, prev_sample=trajectory.latents[:, index + 1]).mean
     kl = torch.distributions.kl_divergence(torch.distributions.Normal(step.mean.double(), step.std),
                                            torch.distributions.Normal(ref_mean.double(), step.std)).flatten(1).sum(1)

@@ -40,7 +40,7 @@ def test_eval_rows_and_training_is_the_same_with_eval_on_or_off(tmp_path, tiny_s
     common = {"ema_decay": 0.9}  # the evaluation swaps the EMA weights in and back
     off = train(eval_config(tmp_path / "off", 2, **common), tiny_sd_factory)
     on = train(eval_config(tmp_path / "on", 2, eval_every=1, **common), tiny_sd_factory)
-    weights_off, weights_on = trainable_state(off.loop.raw_unet), trainable_state(on.loop.raw_unet)
+    weights_off, weights_on = trainable_state(off.loop.raw_denoiser), trainable_state(on.loop.raw_denoiser)
     assert weights_off.keys() == weights_on.keys()
     for name in weights_off:
         assert torch.equal(weights_off[name], weights_on[name]), name

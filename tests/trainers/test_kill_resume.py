@@ -40,7 +40,7 @@ def test_a_stopped_run_resumes_bit_for_bit(tmp_path, algorithm):
     resumed = run(algorithm, tmp_path / "resumed", 2)
     assert resumed.loop.start_epoch == 1  # resumed, not trained again from the start
     assert [r["epoch"] for r in _training_rows(tmp_path / "resumed")] == [0, 1]
-    assert_same_weights(trainable_state(straight.loop.raw_unet), trainable_state(resumed.loop.raw_unet))
+    assert_same_weights(trainable_state(straight.loop.raw_denoiser), trainable_state(resumed.loop.raw_denoiser))
 
 
 @pytest.mark.slow
@@ -129,10 +129,10 @@ def test_nonfinite_rewards_are_dropped_counted_and_logged(tmp_path, algorithm):
 
     def poison(trainer):
         trainer.loop.reward.forward = Poisoned(trainer.loop.reward.forward)
-        trainer.initial = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_unet).items()}
+        trainer.initial = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_denoiser).items()}
 
     trainer = run(algorithm, tmp_path / "run", 2, before_train=poison)
-    weights = trainable_state(trainer.loop.raw_unet)
+    weights = trainable_state(trainer.loop.raw_denoiser)
     assert all(torch.isfinite(v).all() for v in weights.values())
     assert any(not torch.equal(trainer.initial[k], v) for k, v in weights.items()), "nothing was trained"
     rows = _training_rows(tmp_path / "run")

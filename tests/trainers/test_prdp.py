@@ -29,10 +29,10 @@ def test_config_rules():
 def test_a_few_epochs_train_lora_log_and_export(tmp_path, tiny_sd_factory):
     trainer = PRDPTrainer(config(str(tmp_path / "run"), 2), pipeline=tiny_sd_factory(seed=0), progress=False)
     trainer.setup()
-    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_unet).items()}
+    before = {k: v.detach().clone() for k, v in trainable_state(trainer.loop.raw_denoiser).items()}
     assert before and all("lora" in k for k in before)
     trainer.train()
-    after = trainable_state(trainer.loop.raw_unet)
+    after = trainable_state(trainer.loop.raw_denoiser)
     assert any(not torch.equal(before[k], after[k]) for k in before), "no LoRA weight changed"
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1]
@@ -48,7 +48,7 @@ def test_a_few_epochs_train_lora_log_and_export(tmp_path, tiny_sd_factory):
     x, t, e = torch.randn(1, 4, 8, 8), 500, torch.randn(1, 5, 16)
     with torch.no_grad():
         torch.testing.assert_close(
-            plain.unet(x, t, encoder_hidden_states=e).sample, trainer.loop.raw_unet(x, t, encoder_hidden_states=e).sample
+            plain.unet(x, t, encoder_hidden_states=e).sample, trainer.loop.raw_denoiser(x, t, encoder_hidden_states=e).sample
         )
 
 
@@ -115,7 +115,7 @@ def test_nonfinite_rewards_are_skipped_and_counted(tmp_path, tiny_sd_factory):
     metrics = trainer.train()
     assert metrics["skipped_nonfinite"] == 1
     assert metrics["pairs"] == 4 * 3 - 2  # the NaN sample's two pairs are gone
-    assert all(torch.isfinite(p).all() for p in trainable_state(trainer.loop.raw_unet).values())
+    assert all(torch.isfinite(p).all() for p in trainable_state(trainer.loop.raw_denoiser).values())
 
 
 @pytest.mark.slow

@@ -116,6 +116,6 @@ def test_groups_share_their_initial_noise_only(tiny):
     start = shared.latents[:, 0]
     assert torch.equal(start[0], start[2]) and torch.equal(start[3], start[5]) and not torch.equal(start[0], start[3])
     assert not torch.equal(shared.latents[0, 1], shared.latents[1, 1])  # each sample draws its own step noise
-    assert torch.equal(trajectory_log_probs(adapter, policy, adapter.unet, shared), shared.log_probs)
+    assert torch.equal(trajectory_log_probs(adapter, policy, adapter.denoiser, shared), shared.log_probs)
     with pytest.raises(ValueError, match="group_size"):
         sample_trajectories(adapter, policy, traj.prompts, None, None, group_size=4)

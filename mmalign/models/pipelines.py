@@ -17,6 +17,9 @@ PIPELINE_SOURCES: dict[str, str] = {"world": "mmalign.world.assets:load_pipeline
 #: its nearest listed base's adapter).
 ADAPTERS: dict[str, str] = {
     "StableDiffusionPipeline": "mmalign.models.stable_diffusion:StableDiffusionAdapter",
+    "StableDiffusionXLPipeline": "mmalign.models.sdxl:SDXLAdapter",
+    "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Adapter",
+    "FluxPipeline": "mmalign.models.flux:FluxAdapter",
 }
 
 #: loading options of a pipeline class that others do not take

@@ -57,6 +57,7 @@ _BUILTIN: dict[str, str] = {
     "proxy": "mmalign.world.proxy_reward:ProxyScore",
     "preference_proxy": "mmalign.world.proxy_reward:PreferenceProxyScore",
     "world_accuracy": "mmalign.world.answer_reward:WorldAnswerAccuracy",
+    "world_iou": "mmalign.world.answer_reward:WorldBoxIoU",
 }
 _SESSION: dict[str, str | type] = {}
 

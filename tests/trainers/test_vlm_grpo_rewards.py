@@ -190,6 +190,26 @@ def test_world_accuracy_grades_as_the_world_does():
     assert {q.kind for q in questions} == {"colour", "shape", "count", "position", "relation", "grounding", "yesno"}
 
 
+def test_world_iou_scores_grounding_answers_by_their_overlap_and_leaves_other_kinds_out():
+    rows = world_vqa_rows(14, "heldout", seed=3)
+    completions, expected = [], []
+    for r in rows:
+        if r["kind"] == "grounding":
+            x1, y1, x2, y2 = r["box"]
+            completions.append(f"<answer>[{x1 + 1}, {y1}, {x2 + 1}, {y2}]</answer>")  # shifted one pixel right
+            expected.append((x2 - x1 - 1) / (x2 - x1 + 1))  # overlap (w − 1)·h over union (w + 1)·h
+        else:
+            completions.append(f"<answer>{r['answer']}</answer>")
+            expected.append(None)  # NaN → None: TRL leaves the reward out for this completion
+    fn = RewardFunction("world_iou")
+    columns = {k: [r[k] for r in rows] for k in ("answer", "kind", "box", "image_size", "image")}
+    got = fn(prompts=[r["prompt"] for r in rows], completions=completions, **columns)
+    assert sum(e is not None for e in expected) == 2
+    assert [None if e is None else pytest.approx(e) for e in expected] == got
+    unparsable = fn(prompts=[r["prompt"] for r in rows], completions=["<answer>[1, 1, 1</answer>"] * 14, **columns)
+    assert [v for v in unparsable if v is not None] == [0.0, 0.0]
+
+
 def test_world_rows_scale_boxes_and_render_videos():
     small, large = world_vqa_rows(7, seed=1), world_vqa_rows(7, seed=1, size=64, frames=2, instruction="Be brief.")
     grounding = [i for i, r in enumerate(small) if r["kind"] == "grounding"][0]

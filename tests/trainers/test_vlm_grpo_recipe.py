@@ -73,6 +73,12 @@ def test_a_run_writes_its_folder_report_and_model_then_resumes(tmp_path):
         assert (run / name).is_file(), name
     assert [r["step"] for r in _rows(run / "metrics.jsonl")] == [1, 2]
     assert "rewards/world_accuracy/mean" in _rows(run / "metrics.jsonl")[0]
+    logs, g = runner.trainer._logs, 2  # the last batch's rewards and advantages, by a loop over pairs
+    vectors = list(zip(*(logs["rewards"][n] for n in ("world_accuracy", "format"))))
+    pairs = [(i, j) for i in range(0, len(vectors), g) for j in range(i + 1, i + g) if vectors[i] != vectors[j]]
+    tied = [abs(logs["advantages"][i] - logs["advantages"][j]) <= 1e-6 for i, j in pairs]
+    last = _rows(run / "metrics.jsonl")[-1]["advantages/merged_pairs"]
+    assert last == pytest.approx(sum(tied) / len(tied)) if pairs else last != last
     assert summary["steps"] == 2 and summary["report_rows"] == 6
     assert {"world_accuracy", "format", "world_accuracy/iou", "world_accuracy/colour"} <= set(summary["before"])
     for tag in ("before", "after"):

@@ -234,6 +234,29 @@ def _metrics_callback(run_dir: Path):
     return JsonlMetrics()
 
 
+def _merged_pairs_callback():
+    """Adds ``advantages/merged_pairs`` to each log row: of the pairs of completions in a group whose reward
+    combinations differ, the share whose advantages came out equal (``sampling.merged_pairs``), read from the
+    rewards and advantages TRL keeps of the last generation batch. ``trainer`` is set once the trainer exists."""
+    from transformers import TrainerCallback
+
+    from mmalign.trainers.vlm_grpo.sampling import merged_pairs
+
+    class MergedPairs(TrainerCallback):
+        trainer = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            trainer = self.trainer
+            if trainer is None or not logs or "train_runtime" in logs or not trainer._logs["advantages"]:
+                return
+            rewards = torch.tensor([list(trainer._logs["rewards"][n]) for n in trainer.reward_func_names]).T
+            advantages = torch.tensor(list(trainer._logs["advantages"]))
+            merged, distinct = merged_pairs(rewards, advantages, trainer.num_generations)
+            logs["advantages/merged_pairs"] = merged / distinct if distinct else float("nan")
+
+    return MergedPairs()
+
+
 def _reward_state_callback(functions):
     """Saves the rewards' buffers (ensemble statistics) into each TRL checkpoint folder."""
     from safetensors.torch import save_file
@@ -309,11 +332,13 @@ class VLMGRPORecipeTrainer:
         if cfg.report is not None:
             rows = self._without_report_rows(rows)
         dataset = Dataset.from_list(rows)
+        merged = _merged_pairs_callback()
         self.trainer = VLMGRPOTrainer(
             model, list(self.functions), args, train_dataset=dataset, processing_class=processor,
             peft_config=peft_config, ref_model=cfg.ref_model, dynamic_sampling_rounds=cfg.dynamic_sampling_rounds,
-            callbacks=[_metrics_callback(self.run_dir), _reward_state_callback(self.functions)],
+            callbacks=[merged, _metrics_callback(self.run_dir), _reward_state_callback(self.functions)],
         )
+        merged.trainer = self.trainer
         self.processor = processor
         if self.trainer.accelerator.is_main_process:
             write_config(self.run_dir, cfg)
@@ -409,7 +434,7 @@ class VLMGRPORecipeTrainer:
         write_text_atomic(self.run_dir / "after.json", json.dumps({"answers": after_answers}, indent=1) + "\n")
         names = [f.__name__ for f in self.functions]
         keys = ["reward", *(f"rewards/{n}" for n in names), "kl", "completions/mean_length",
-                "frac_reward_zero_std", "dynamic_sampling/zero_spread_groups"]
+                "frac_reward_zero_std", "advantages/merged_pairs", "dynamic_sampling/zero_spread_groups"]
         extra = {
             "model": cfg.model, "steps": self.trainer.state.global_step, "report_rows": len(rows),
             "train_rows_dropped_as_report_rows": getattr(self, "dropped_as_report", 0),

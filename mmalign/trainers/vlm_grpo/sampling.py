@@ -12,13 +12,16 @@ right. DAPO drops such groups and samples more prompts until the batch is full a
 
 Completions whose every reward is NaN are ignored, as TRL ignores them; a group needs two scored
 completions to have spread.
+
+``merged_pairs`` measures what the two aggregations are said to differ in: pairs of completions of one group
+whose reward combinations differ but whose advantages came out equal, so the update cannot tell them apart.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["flat_groups", "signal_groups"]
+__all__ = ["flat_groups", "merged_pairs", "signal_groups"]
 
 AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
@@ -63,3 +66,28 @@ def signal_groups(
 def flat_groups(*args, **kwargs) -> torch.Tensor:
     """The complement of ``signal_groups``: groups DAPO drops."""
     return ~signal_groups(*args, **kwargs)
+
+
+def merged_pairs(
+    rewards_per_func: torch.Tensor, advantages: torch.Tensor, num_generations: int, atol: float = 1e-6
+) -> tuple[int, int]:
+    """``(merged, distinct)``: of the pairs of completions within a group whose reward vectors differ
+    (``distinct``; NaN equals NaN), those whose ``advantages`` are equal within ``atol`` (``merged``).
+
+    ``rewards_per_func`` is ``(N, K)`` and ``advantages`` ``(N,)``, groups of ``num_generations`` consecutive rows,
+    as TRL computes them for one generation batch.
+    """
+    if rewards_per_func.ndim != 2 or advantages.shape != rewards_per_func.shape[:1]:
+        raise ValueError(f"advantages: expected shape ({rewards_per_func.shape[0]},) beside rewards_per_func (N, K), "
+                         f"got {tuple(advantages.shape)} and {tuple(rewards_per_func.shape)}")
+    n, k = rewards_per_func.shape
+    if not isinstance(num_generations, int) or num_generations < 2 or n % num_generations:
+        raise ValueError(f"num_generations: expected an int >= 2 that divides the {n} rows, got {num_generations!r}")
+    rewards = rewards_per_func.double().view(-1, num_generations, 1, k)
+    others = rewards.transpose(1, 2)
+    same = ((rewards == others) | (rewards.isnan() & others.isnan())).all(-1)  # (groups, G, G)
+    values = advantages.double().view(-1, num_generations, 1)
+    tied = (values - values.transpose(1, 2)).abs() <= atol
+    upper = torch.ones(num_generations, num_generations, dtype=torch.bool).triu(1)
+    distinct = ~same & upper
+    return int((distinct & tied).sum()), int(distinct.sum())

@@ -19,7 +19,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmalign.config import check_device
@@ -130,6 +129,11 @@ def supports_tensor_videos(processor) -> bool:
     return isinstance(getattr(processor, "video_processor", None), Qwen2VLVideoProcessor)
 
 
+def _padded(rows: list[list[int]], length: int, value: int, left: bool) -> torch.Tensor:
+    """``(len(rows), length)`` long tensor of the rows padded with ``value`` on the left or the right."""
+    return torch.tensor([[value] * (length - len(r)) + r if left else r + [value] * (length - len(r)) for r in rows])
+
+
 class VLMJudge(Reward):
     """Base of VLM-judge rewards: ``answer_logprobs`` scores many (image, question, answer) rows at once.
 
@@ -182,61 +186,66 @@ class VLMJudge(Reward):
         if not len(pixels) == len(questions) == len(answers):
             raise ValueError(f"questions, answers: expected one per image ({len(pixels)}), got {len(questions)}, "
                              f"{len(answers)}")
-        targets = [self.processor.tokenizer(a, add_special_tokens=False)["input_ids"] for a in answers]
+        targets = self.processor.tokenizer(list(answers), add_special_tokens=False)["input_ids"] if answers else []
         for answer, ids in zip(answers, targets):
             if not ids:
                 raise ValueError(f"answer: expected text with at least one token, got {answer!r}")
+        video = pixels.ndim == 5
+        contexts = {q: self.context(q, video) for q in dict.fromkeys(questions)}  # a question's prompt once a call
         out: list[torch.Tensor] = []
         with torch.set_grad_enabled(self.differentiable and torch.is_grad_enabled()):
             for s in range(0, len(pixels), self.max_batch):
                 e = s + self.max_batch
-                contexts = [self.context(q, pixels.ndim == 5) for q in questions[s:e]]
-                out += self._forward(pixels[s:e], contexts, targets[s:e])
+                out += self._forward(pixels[s:e], [contexts[q] for q in questions[s:e]], targets[s:e])
         return out
+
+    def encode(self, pixels: torch.Tensor, contexts: list[str], targets: list[list[int]]) -> tuple[dict, list[int]]:
+        """The model's inputs of the rows ``context + answer tokens``, padded on the tokenizer's side, and each
+        row's first answer position. The Qwen2-VL family's text is tokenized here, the image (video) token
+        expanded by the processor's own rule, beside the torch pixels; other models go through the processor."""
+        video = pixels.ndim == 5
+        if video or self.tensor_pixels:
+            tensor = pixels.to(self.model.device, self.model.dtype)
+            values, grid = (qwen2vl_video_values(tensor, self.processor.video_processor) if video
+                            else qwen2vl_pixel_values(tensor, self.processor.image_processor))
+            kind = "video" if video else "image"
+            replace = getattr(self.processor, f"replace_{kind}_token")
+            expanded = [replace({f"{kind}_grid_thw": grid}, i) for i in range(len(grid))]
+            texts, _ = self.processor.get_text_with_replacements(list(contexts), **{f"{kind}s_replacements": expanded})
+            distinct = list(dict.fromkeys(texts))  # rows asking the same question of same-sized images
+            ids = self.processor.tokenizer(distinct)["input_ids"]
+            tokens = {"input_ids": ids}
+            if getattr(self.processor, "return_mm_token_type_ids", False):
+                tokens["mm_token_type_ids"] = self.processor.create_mm_token_type_ids(ids)
+            index = [distinct.index(t) for t in texts]
+            rows = {k: [v[i] for i in index] for k, v in tokens.items()}
+            media = {"pixel_values_videos" if video else "pixel_values": values, f"{kind}_grid_thw": grid}
+        else:
+            uint8 = list((pixels.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
+            media = dict(self.processor(text=contexts, images=uint8, padding=True, return_tensors="pt"))
+            mask = media.pop("attention_mask").bool()
+            per_token = [k for k, v in media.items() if isinstance(v, torch.Tensor) and v.shape == mask.shape]
+            rows = {k: [row[keep].tolist() for row, keep in zip(media.pop(k), mask)] for k in per_token}
+        starts = [len(r) for r in rows["input_ids"]]
+        rows = {k: [r + (t if k == "input_ids" else [0] * len(t)) for r, t in zip(v, targets)] for k, v in rows.items()}
+        rows["attention_mask"] = [[1] * len(r) for r in rows["input_ids"]]
+        lengths = [len(r) for r in rows["input_ids"]]
+        length, left = max(lengths), self.processor.tokenizer.padding_side == "left"
+        pads = {"input_ids": self.processor.tokenizer.pad_token_id}
+        inputs = {k: _padded(v, length, pads.get(k, 0), left) for k, v in rows.items()}
+        starts = [s + (length - n if left else 0) for s, n in zip(starts, lengths)]
+        return inputs | media, starts
 
     def _forward(self, pixels: torch.Tensor, contexts: list[str], targets: list[list[int]]) -> list[torch.Tensor]:
         device = self.model.device
-        video = pixels.ndim == 5
-        uint8 = list((pixels.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())
-        media = {"videos": uint8} if video else {"images": uint8}
-        inputs = dict(self.processor(text=contexts, padding=True, return_tensors="pt", **media))
-        if video or self.tensor_pixels:
-            tensor = pixels.to(device, self.model.dtype)
-            values, grid = (qwen2vl_video_values(tensor, self.processor.video_processor) if video
-                            else qwen2vl_pixel_values(tensor, self.processor.image_processor))
-            key = "video_grid_thw" if video else "image_grid_thw"
-            if not torch.equal(grid, inputs[key]):
-                raise RuntimeError(f"{key}: torch preprocessing gave {grid.tolist()}, the processor "
-                                   f"{inputs[key].tolist()}")
-            inputs["pixel_values_videos" if video else "pixel_values"] = values
-        ids, mask = inputs["input_ids"], inputs["attention_mask"].bool()
-        per_token = [k for k, v in inputs.items() if isinstance(v, torch.Tensor) and v.shape == ids.shape]
-        pad = self.processor.tokenizer.pad_token_id
-        rows = {k: [] for k in per_token}
-        starts = []
-        for b, target in enumerate(targets):
-            keep = mask[b]
-            starts.append(int(keep.sum()))
-            extra = {"input_ids": torch.tensor(target), "attention_mask": torch.ones(len(target), dtype=torch.long)}
-            for k in per_token:
-                tail = extra.get(k, torch.zeros(len(target), dtype=inputs[k].dtype))
-                rows[k].append(torch.cat([inputs[k][b][keep], tail.to(inputs[k].dtype)]))
-        length = max(len(r) for r in rows["input_ids"])
-        left = self.processor.tokenizer.padding_side == "left"
-        for k in per_token:
-            value = pad if k == "input_ids" else 0
-            padded = [F.pad(r, (length - len(r), 0) if left else (0, length - len(r)), value=value) for r in rows[k]]
-            inputs[k] = torch.stack(padded)
-        shifts = [length - len(r) if left else 0 for r in rows["input_ids"]]
-        starts = [start + shift for start, shift in zip(starts, shifts)]
+        inputs, starts = self.encode(pixels, contexts, targets)
+        length = inputs["input_ids"].shape[1]
         keep = length - min(starts) + 1  # logits from the position before the earliest answer token on
         inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         logits = self.model(**inputs, logits_to_keep=keep).logits
-        offset = length - keep
-        out = []
-        for b, (start, target) in enumerate(zip(starts, targets)):
-            at = torch.arange(start - 1, start - 1 + len(target), device=device) - offset
-            logp = logits[b, at].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
-            out.append(logp.gather(-1, torch.tensor(target, device=device)[:, None])[:, 0])
-        return out
-
+        sizes = [len(t) for t in targets]
+        row = torch.repeat_interleave(torch.arange(len(targets), device=device), torch.tensor(sizes, device=device))
+        at = torch.cat([torch.arange(s - 1, s - 1 + n) for s, n in zip(starts, sizes)]).to(device) - (length - keep)
+        logp = logits[row, at].to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(-1)
+        picked = logp.gather(-1, torch.tensor([i for t in targets for i in t], device=device)[:, None])[:, 0]
+        return list(picked.split(sizes))

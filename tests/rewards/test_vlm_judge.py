@@ -97,6 +97,26 @@ def test_processor_path_for_other_image_processors(world_vlm, batch):
     torch.testing.assert_close(reward(batch).scores, expected, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_own_text_encoding_equals_the_processors(world_vlm, batch, padding):
+    """The Qwen2-VL family's text encoded beside the torch pixels (image token expanded by the processor's rule,
+    each distinct row tokenized once) gives the processor's own input ids, masks, token types and grid; answers
+    of different lengths; scores equal to tight tolerance."""
+    reward = judge(world_vlm, "vqascore", padding)
+    own = copy.copy(reward)
+    own.tensor_pixels = False  # the processor's path: its uint8 preprocessing, its tokenization and padding
+    contexts = [reward.context(q) for q in (batch.prompts[0], batch.prompts[1], batch.prompts[0], "x", "x")]
+    assert len(set(contexts)) == 3
+    targets = reward.processor.tokenizer(["Yes", "no", "a red circle", "Yes", "no"], add_special_tokens=False)
+    fast, fast_starts = reward.encode(batch.pixels, contexts, targets["input_ids"])
+    slow, slow_starts = own.encode(batch.pixels, contexts, targets["input_ids"])
+    assert sorted(fast) == sorted(slow) and fast_starts == slow_starts
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids", "image_grid_thw"):
+        assert torch.equal(fast[key], slow[key]), key
+    torch.testing.assert_close(fast["pixel_values"], slow["pixel_values"], rtol=0, atol=1e-5)
+    torch.testing.assert_close(reward(batch).scores, own(batch).scores, rtol=1e-5, atol=1e-7)
+
+
 def test_question_reward_fills_template_and_answer_from_metadata(world_vlm, batch):
     out = judge(world_vlm, "vlm_question", template="Does this image show {prompt}?", answer="{gold}",
                 answer_prefix="<answer>")(batch)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["StepOutput", "DDIMPolicy", "alphas_cumprod", "gaussian_log_prob", "predictions_from_output"]
+__all__ = ["StepOutput", "DDIMPolicy", "alphas_cumprod", "gaussian_log_prob", "gaussian_step", "predictions_from_output"]
 
 
 @dataclass
@@ -38,6 +38,24 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: float) -> torch.
     z = (x.double() - mean.double()) / std
     dims = x[0].numel()
     return -0.5 * z.pow(2).flatten(1).sum(1) - dims * (math.log(std) + 0.5 * math.log(2 * math.pi))
+
+
+def gaussian_step(mean: torch.Tensor, std: float, prev_sample: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> StepOutput:
+    """The step ``x' ~ N(mean, std² I)`` of a policy: sampled from ``generator``, or ``prev_sample`` re-scored, with
+    its log-prob (NaN where ``std`` is 0: a deterministic step is a point mass with no density)."""
+    if prev_sample is None and std == 0:
+        prev_sample = mean
+    elif prev_sample is None:
+        device = generator.device if generator is not None else mean.device
+        noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
+        prev_sample = mean + std * noise
+    prev_sample = prev_sample.to(mean.dtype)
+    if std == 0:
+        log_prob = torch.full((len(mean),), float("nan"), dtype=torch.float64, device=mean.device)
+    else:
+        log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
+    return StepOutput(prev_sample, log_prob, mean, std)
 
 
 def alphas_cumprod(scheduler_config) -> torch.Tensor:
@@ -136,15 +154,4 @@ class DDIMPolicy:
         x0, eps = self.predictions(model_output, sample, index)
         a_prev, std = self._alpha_prev[index], self.stds[index]
         mean = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps
-        if prev_sample is None and std == 0:
-            prev_sample = mean
-        elif prev_sample is None:
-            device = generator.device if generator is not None else mean.device
-            noise = torch.randn(mean.shape, generator=generator, device=device, dtype=mean.dtype).to(mean.device)
-            prev_sample = mean + std * noise
-        prev_sample = prev_sample.to(mean.dtype)
-        if std == 0:  # deterministic DDIM: a point mass, no density
-            log_prob = torch.full((len(mean),), float("nan"), dtype=torch.float64, device=mean.device)
-        else:
-            log_prob = gaussian_log_prob(prev_sample.detach(), mean, std)
-        return StepOutput(prev_sample, log_prob, mean, std)
+        return gaussian_step(mean, std, prev_sample, generator)

@@ -44,3 +44,12 @@ def test_world_artifact_classifier_scores_every_kind(tmp_path, capsys):
     assert set(result["kinds"]) == set(CORRUPTIONS) and result["kinds"]["grid"]["trained"]
     assert not result["kinds"]["duplicate"]["trained"] and (tmp_path / "head" / "head.safetensors").is_file()
     assert "held out  AUROC" in capsys.readouterr().out
+
+
+def test_vlm_grpo_overhead_times_both_trainers_and_finds_the_same_weights(capsys):
+    result = _script("vlm_grpo_overhead").main(["--steps", "2", "--repeats", "1", "--batch", "8",
+                                               "--generations", "4"])
+    assert result["steps_timed"] == {"stock": 1, "mmalign": 1}
+    assert result["ratio"] == result["seconds_per_step"]["mmalign"] / result["seconds_per_step"]["stock"]
+    assert result["max_weight_difference"] == 0.0  # with its additions off, the subclass trains what TRL trains
+    assert "ratio mmalign / stock" in capsys.readouterr().out

@@ -74,6 +74,53 @@ def make_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     return pipe
 
 
+#: SDXL's published scheduler config (an Euler scheduler that DDIM reads: no clipping, no final ᾱ = 1)
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
+    "interpolation_type": "linear", "num_train_timesteps": 1000, "prediction_type": "epsilon",
+    "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1,
+    "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False,
+}
+
+
+def make_tiny_sdxl_pipeline(seed: int = 0, force_zeros_for_empty_prompt: bool = True):
+    """A random SDXL pipeline small enough for CPU tests: two text encoders of different widths (16 and 24, the
+    second with a 12-wide projection for the pooled embedding), a UNet with SDXL's text-and-time added
+    conditioning, SDXL's scheduler config; 16 px images, 8×8×4 latents."""
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    tokenizers = [CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=32) for _ in range(2)]
+    text = dict(vocab_size=len(tokenizers[0]), intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=32, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=12, **text))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
+        scaling_factor=0.13025,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=16 + 24, attention_head_dim=4, norm_num_groups=8, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=6 * 8 + 12,  # six size/crop ids of width 8, then the pooled text
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizers[0],
+        tokenizer_2=tokenizers[1], unet=unet, scheduler=EulerDiscreteScheduler.from_config(SDXL_SCHEDULER),
+        force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
 @functools.lru_cache(maxsize=1)
 def _world_tokenizer():
     from mmalign.world.vlm_tokenizer import build_tokenizer

@@ -190,3 +190,91 @@ def make_tiny_qwen25_vl(seed: int = 0):
         tokenizer=tokenizer, chat_template=tokenizer.chat_template,
     )
     return model, processor
+
+
+def _tiny_clip_text_encoder(cls, hidden_size: int, projection_dim: int = 16):
+    """A one-layer CLIP text tower ``cls`` (``CLIPTextModel`` or ``CLIPTextModelWithProjection``) over the byte-level
+    vocabulary, and its tokenizer (32 tokens)."""
+    from transformers import CLIPTextConfig, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=32)
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                            num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=32,
+                            projection_dim=projection_dim, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    return cls(config), tokenizer
+
+
+def _tiny_t5_encoder(d_model: int = 32):
+    """A one-layer T5 encoder and a T5 (Unigram) tokenizer with one piece per printable ASCII character, built
+    offline."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    chars = [chr(c) for c in range(33, 127)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
+    tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                      num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+                      eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def _tiny_flow_vae(shift_factor: float, scaling_factor: float):
+    """A random VAE with 16 latent channels (the SD3/Flux convention, with their shift and scale): 16 px images,
+    8×8 latents."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16), layers_per_block=1, latent_channels=16, norm_num_groups=4, sample_size=16,
+        shift_factor=shift_factor, scaling_factor=scaling_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+
+
+def make_tiny_sd3_pipeline(seed: int = 0, t5: bool = True):
+    """A random Stable Diffusion 3 pipeline for CPU tests: a one-layer MMDiT over 8×8×16 latents (16 px images), two
+    CLIP text towers with projections and a T5 encoder (``t5=False``: dropped, as SD3 allows)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    text_encoder, tokenizer = _tiny_clip_text_encoder(CLIPTextModelWithProjection, 16)
+    text_encoder_2, tokenizer_2 = _tiny_clip_text_encoder(CLIPTextModelWithProjection, 16)
+    text_encoder_3, tokenizer_3 = _tiny_t5_encoder(32)
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16, pooled_projection_dim=32,
+        pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm",
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_tiny_flow_vae(shift_factor=0.0609, scaling_factor=1.5305), text_encoder=text_encoder,
+        tokenizer=tokenizer, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3 if t5 else None, tokenizer_3=tokenizer_3 if t5 else None,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
+    """A random Flux pipeline for CPU tests: one double- and one single-stream block over 8×8×16 latents (16 px
+    images, 16 packed tokens), a CLIP text tower (pooled) and a T5 encoder; ``guidance_embeds``: the guidance-distilled
+    variant (Flux-dev) or not (true CFG, as Flux-schnell-like models take)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    text_encoder, tokenizer = _tiny_clip_text_encoder(CLIPTextModel, 16)
+    text_encoder_2, tokenizer_2 = _tiny_t5_encoder(32)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096, shift=3.0)
+    pipe = FluxPipeline(scheduler=scheduler, vae=_tiny_flow_vae(shift_factor=0.1159, scaling_factor=0.3611),
+                        text_encoder=text_encoder, tokenizer=tokenizer, text_encoder_2=text_encoder_2,
+                        tokenizer_2=tokenizer_2, transformer=transformer)
+    pipe.default_sample_size = 8  # 16 px: latents 8×8, as pipe(...) makes them by default
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -75,6 +75,10 @@ class GeneratorAdapter:
     frozen_names: ClassVar[tuple[str, ...]] = ("vae", "text_encoder")
     #: default LoRA target modules of the denoiser (``LoRAConfig.target_modules: null``)
     lora_targets: ClassVar[list[str]] = ["to_q", "to_k", "to_v", "to_out.0"]
+    #: exported LoRA keys in diffusers' attention-processor names (``lora.down``/``lora.up``, as UNet LoRA
+    #: loaders take them) rather than peft's (``lora_A``/``lora_B``, which transformer loaders such as SD3's and
+    #: Flux's take as they are)
+    lora_diffusers_keys: ClassVar[bool] = True
 
     def __init__(self, pipeline, guidance_scale: float = 5.0, negative_prompt: str = "") -> None:
         missing = [name for name in (self.denoiser_name, "vae") if getattr(pipeline, name, None) is None]
@@ -155,7 +159,9 @@ class GeneratorAdapter:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(denoiser))
+        layers = get_peft_model_state_dict(denoiser)
+        if self.lora_diffusers_keys:
+            layers = convert_state_dict_to_diffusers(layers)
         metadata = denoiser.peft_config["default"].to_dict()
         type(self.pipeline).save_lora_weights(
             folder, safe_serialization=True,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from mmalign import __version__
 from mmalign.config import int_at_least, positive_int
+from mmalign.eval.bench_rewards import BENCHED
 from mmalign.eval.preference import PROTOCOLS
 
 __all__ = ["main", "build_parser"]
@@ -182,7 +183,7 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
 
         judge = vlm_path()
     rows = bench_rewards(model, args.batch_sizes, args.images, args.image_size, repeats=args.repeats,
-                         judge=None if judge == "none" else judge)
+                         judge=None if judge == "none" else judge, rewards=args.rewards)
     print(format_rows(rows))
     if args.out:
         write_rows(rows, args.out)
@@ -403,6 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
     rewards_bench.add_argument("--images", type=positive_int, default=64, help="images per measurement")
     rewards_bench.add_argument("--image-size", type=positive_int, default=64, help="side of the random test images")
     rewards_bench.add_argument("--repeats", type=positive_int, default=1)
+    rewards_bench.add_argument("--rewards", nargs="+", choices=BENCHED, default=list(BENCHED),
+                               help="which rewards to time (default: all)")
     rewards_bench.add_argument("--out", help="write the figures as JSON")
     rewards_bench.set_defaults(func=_cmd_bench_rewards)
     train_bench = benches.add_parser(

@@ -23,7 +23,10 @@ import torch.nn.functional as F
 from mmalign.media import MediaBatch
 from mmalign.rewards import build
 
-__all__ = ["BenchRow", "bench_rewards", "format_rows", "naive_clip_loop", "naive_vqascore_loop"]
+__all__ = ["BENCHED", "BenchRow", "bench_rewards", "format_rows", "naive_clip_loop", "naive_vqascore_loop"]
+
+#: The rewards ``bench_rewards`` can time (``vqascore`` only with a judge).
+BENCHED = ("clip", "goal_baseline", "vqascore")
 
 
 @dataclass
@@ -100,30 +103,32 @@ def bench_rewards(
     n_prompts: int = 8,
     repeats: int = 1,
     judge: str | None = None,
+    rewards: Sequence[str] = BENCHED,
 ) -> list[BenchRow]:
     """CLIP score and goal-baseline projection on the OpenCLIP model in ``model_dir``, and ``vqascore`` on the
-    VLM ``judge`` (hub id or folder; None skips it), at each batch size.
+    VLM ``judge`` (hub id or folder; None skips it), at each batch size; ``rewards`` picks among them.
 
     Images are random at ``image_size`` (so both paths resize); ``n_prompts`` distinct prompts repeat across
     the set, as a training batch's prompts do.
     """
+    if unknown := [r for r in rewards if r not in BENCHED]:
+        raise ValueError(f"rewards: expected names among {list(BENCHED)}, got {unknown}")
     torch.manual_seed(0)
     pixels = torch.rand(n_images, 3, image_size, image_size)
     prompts = [f"prompt number {i % n_prompts}" for i in range(n_images)]
     full = MediaBatch(pixels, prompts)
-    naive = naive_clip_loop(model_dir)
-    rewards = {
-        "clip": build({"name": "clip", "model": str(model_dir)}),
-        "goal_baseline": build({"name": "goal_baseline", "model": str(model_dir), "baseline": "a picture"}),
-    }
-    naive_rate = _images_per_s(naive, [full[:16]], repeats)
+    options = {"clip": {}, "goal_baseline": {"baseline": "a picture"}}
+    clip_family = {name: build({"name": name, "model": str(model_dir), **options[name]})
+                   for name in options if name in rewards}
     rows = []
     with torch.no_grad():
-        for name, reward in rewards.items():
+        if clip_family:
+            naive_rate = _images_per_s(naive_clip_loop(model_dir), [full[:16]], repeats)
+        for name, reward in clip_family.items():
             for size in batch_sizes:
                 batches = [full[i : i + size] for i in range(0, n_images, size)]
                 rows.append(BenchRow(name, size, _images_per_s(reward, batches, repeats), naive_rate))
-        if judge is not None:
+        if judge is not None and "vqascore" in rewards:
             vqascore = build({"name": "vqascore", "model": judge})
             naive_rate = _images_per_s(naive_vqascore_loop(vqascore), [full[:16]], repeats)
             for size in batch_sizes:

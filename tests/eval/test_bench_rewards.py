@@ -39,3 +39,16 @@ def test_naive_vqascore_loop_scores_what_the_judge_scores():
     reward = build({"name": "vqascore", "model": vlm_path()})
     batch = MediaBatch.from_pil(MediaBatch(torch.rand(3, 3, 32, 32), ["a", "b", "c"]).to_pil(), ["a red circle", "x", "two"])
     torch.testing.assert_close(reward(batch).scores, naive_vqascore_loop(reward)(batch), rtol=1e-4, atol=1e-7)
+
+
+def test_bench_picks_the_rewards_named(tiny_open_clip_dir):
+    import pytest
+
+    from mmalign.world.vlm import vlm_path
+
+    rows = bench_rewards(tiny_open_clip_dir, batch_sizes=(2,), n_images=4, image_size=32, judge=vlm_path(),
+                         rewards=("vqascore",))
+    assert [(r.reward, r.batch_size) for r in rows] == [("vqascore", 2)] and rows[0].speedup > 0
+    assert [r.reward for r in bench_rewards(tiny_open_clip_dir, (2,), 4, 32, rewards=("goal_baseline", "vqascore"))] == ["goal_baseline"]
+    with pytest.raises(ValueError, match="rewards: expected names among"):
+        bench_rewards(tiny_open_clip_dir, rewards=("clip", "hps"))

@@ -79,8 +79,9 @@ class DiffusionConfig(Recipe):
     samples_per_prompt: int = Field(4, ge=2, description="trajectories per prompt (a group)")
     inner_steps: int = Field(1, ge=1, description="K: passes over each epoch's samples")
     prompts_per_update: int = Field(4, ge=1, description="prompt groups per optimiser step, per process")
-    num_steps: int = Field(20, ge=1, description="DDIM sampling steps")
-    eta: float = Field(1.0, gt=0, description="DDIM η (stochasticity of the policy)")
+    num_steps: int = Field(20, ge=1, description="sampling steps (DDIM, or the flow SDE's)")
+    eta: float = Field(1.0, gt=0,
+                       description="DDIM η, or the flow SDE's noise level a (stochasticity of the policy)")
     shared_initial_noise: bool = Field(
         False, description="a prompt's samples start from one initial noise, so reward differences are the steps' doing"
     )

@@ -191,26 +191,17 @@ def _cmd_bench_rewards(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_generator(args: argparse.Namespace) -> int:
-    from mmalign.eval.generator import evaluate_generator, load_run_pipeline
+    from mmalign.eval.generator import evaluate_generator, load_generator
     from mmalign.eval.scoring import build_rewards
-    from mmalign.models.pipelines import adapter_for, load_pipeline
     from mmalign.prompts import PromptSource, load_prompts
 
-    if (args.run is None) == (args.pipeline is None):
-        raise ValueError("eval generator: give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH")
-    if args.run:
-        pipe, sampler = load_run_pipeline(args.run)
-        pipeline_name = json.loads((Path(args.run) / "config.json").read_text()).get("pipeline")
-    else:
-        pipe, sampler, pipeline_name = load_pipeline(args.pipeline), {}, args.pipeline
-    steps = args.steps or sampler.get("num_steps", 20)
-    eta = args.eta if args.eta is not None else sampler.get("eta", 1.0)
-    guidance = args.guidance_scale or sampler.get("guidance_scale", 5.0)
+    adapter, policy, sampler = load_generator(args.run, args.pipeline, args.device, args.steps, args.eta,
+                                              args.guidance_scale)
+    steps, eta, guidance, pipeline_name = (sampler[k] for k in ("num_steps", "eta", "guidance_scale", "pipeline"))
     source = PromptSource(file=args.prompts) if args.prompts else PromptSource(world=args.split, n=args.n, seed=args.prompt_seed)
     rewards = build_rewards([_parse_reward(r) for r in args.reward or ["gold"]], args.device)
-    adapter = adapter_for(pipe.to(args.device), guidance)
     result = evaluate_generator(
-        adapter, adapter.make_policy(steps, eta),
+        adapter, policy,
         load_prompts(source), rewards, args.samples_per_prompt, args.seed, progress=not args.quiet,
     )
     encoder, encoder_spec = _diversity_encoder(args.diversity_encoder, pipeline_name, rewards, args.device)
@@ -227,6 +218,49 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     return 0
+
+
+def _cmd_eval_overoptimization(args: argparse.Namespace) -> int:
+    from mmalign.config import apply_overrides, load_recipe, parse_overrides, validate_recipe
+    from mmalign.eval.overoptimization_run import OverOptimizationRecipe, format_curves, run_overoptimization
+
+    recipe_name, overrides = _split_recipe_and_overrides(args.recipe_and_overrides)
+    data = ({"task": "overoptimization"} if recipe_name is None else
+            load_recipe(recipe_name, overrides, schema=OverOptimizationRecipe).model_dump())
+    flags = {"pipeline": args.pipeline, "run": args.run, "samples_per_prompt": args.samples_per_prompt,
+             "num_steps": args.steps, "eta": args.eta, "guidance_scale": args.guidance_scale, "seed": args.seed,
+             "batch_size": args.batch_size, "device": args.device, "out": args.out,
+             "gold": _parse_reward(args.gold, "--gold") if args.gold else None,
+             "proxies": dict(_labelled_proxy(text) for text in args.proxy) if args.proxy else None}
+    data.update({k: v for k, v in flags.items() if v is not None})
+    if args.run or args.pipeline:  # one generator flag replaces the recipe's generator
+        data.update(run=args.run, pipeline=args.pipeline)
+    if args.prompts:
+        data["prompts"] = {"file": args.prompts}
+    elif args.split or args.n or args.prompt_seed is not None:
+        world = data.get("prompts") if (data.get("prompts") or {}).get("world") else {"world": "heldout"}
+        data["prompts"] = {**world, **{k: v for k, v in (("world", args.split), ("n", args.n),
+                                                           ("seed", args.prompt_seed)) if v is not None}}
+    if recipe_name is None:
+        data = apply_overrides(data, parse_overrides(overrides))
+    recipe = validate_recipe(data, OverOptimizationRecipe, source=recipe_name or "command line")
+    result = run_overoptimization(recipe, progress=not args.quiet)
+    print(format_curves(result))
+    for name in ("overoptimization.png", "overoptimization.csv", "overoptimization.json", "scores.csv"):
+        print(f"{name:>22}: {Path(recipe.out) / name}")
+    return 0
+
+
+def _labelled_proxy(text: str) -> tuple[str, str | dict]:
+    """``LABEL=SPEC`` or a bare ``SPEC`` (labelled by its name, with an ensemble's mode)."""
+    label, sep, rest = text.partition("=")
+    if sep and not label.lstrip().startswith(("{", "[")):
+        return label.strip(), _parse_reward(rest, "--proxy")
+    spec = _parse_reward(text, "--proxy")
+    if isinstance(spec, dict):
+        name = str(spec.get("name", "proxy"))
+        return (f"{name}-{spec['mode']}" if "mode" in spec else name), spec
+    return (spec if isinstance(spec, str) else "proxy"), spec
 
 
 def _diversity_encoder(text: str | None, pipeline: str | None, rewards: dict, device: str):
@@ -489,6 +523,35 @@ def build_parser() -> argparse.ArgumentParser:
     generator.add_argument("--out", help="write the summary as JSON")
     generator.add_argument("--quiet", action="store_true")
     generator.set_defaults(func=_cmd_eval_generator)
+    overopt = evaluate.add_parser(
+        "overoptimization", help="best-of-n by proxies, judged by gold, against KL (over-optimisation curves)",
+        description="Sample N images per prompt once, score them with gold and every proxy (an ensemble's members "
+        "one by one, combined with statistics of all samples), and write the unbiased best-of-n curves for n = 1, "
+        "2, 4, … N of each proxy against KL = log n − (n−1)/n with 95%% CIs over prompts: overoptimization.png, "
+        ".csv, .json and scores.csv in --out (docs/overoptimization.md). A recipe (name or YAML, task: "
+        "overoptimization) and/or flags; key=value overrides any recipe field.",
+    )
+    overopt.add_argument("recipe_and_overrides", nargs="*", metavar="[RECIPE] [KEY=VALUE ...]")
+    overopt.add_argument("--pipeline", help="'world', a hub id or a pipeline folder")
+    overopt.add_argument("--run", help="training run folder instead of --pipeline")
+    overopt.add_argument("--split", choices=["train", "heldout"], help="world prompt split (default: heldout)")
+    overopt.add_argument("--n", type=positive_int, help="world prompts")
+    overopt.add_argument("--prompt-seed", type=int, help="seed of the world prompts")
+    overopt.add_argument("--prompts", help="prompt file (.txt or .jsonl) instead of the world")
+    overopt.add_argument("--samples-per-prompt", type=int_at_least(2), help="N, the largest n (default 64)")
+    overopt.add_argument("--proxy", action="append", metavar="[LABEL=]SPEC",
+                         help="a proxy reward (name or JSON spec; {\"name\": \"ensemble\", \"mode\": \"uwo\", "
+                              "\"members\": [...]} for an ensemble); repeat; replaces the recipe's proxies")
+    overopt.add_argument("--gold", help="the reward treated as gold (name or JSON spec)")
+    overopt.add_argument("--steps", type=positive_int, help="DDIM steps (default: the run's, else 20)")
+    overopt.add_argument("--eta", type=float, help="DDIM η (default: the run's, else 1)")
+    overopt.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's, else 5)")
+    overopt.add_argument("--seed", type=int, help="noise seed")
+    overopt.add_argument("--batch-size", type=positive_int, help="images per sampling batch")
+    overopt.add_argument("--device")
+    overopt.add_argument("--out", help="output folder")
+    overopt.add_argument("--quiet", action="store_true", help="no progress bar")
+    overopt.set_defaults(func=_cmd_eval_overoptimization)
     return parser
 
 

@@ -50,6 +50,7 @@ class Task(NamedTuple):
 TASKS: dict[str, Task] = {
     "score": Task("mmalign.eval.scoring:ScoreRecipe"),
     "reno": Task("mmalign.inference.run:ReNORecipe"),
+    "overoptimization": Task("mmalign.eval.overoptimization_run:OverOptimizationRecipe"),
     "prdp": Task("mmalign.trainers.prdp:PRDPConfig", "mmalign.trainers.prdp:PRDPTrainer"),
     "backprop": Task("mmalign.trainers.backprop:BackpropConfig", "mmalign.trainers.backprop:BackpropTrainer"),
     "ddpo": Task("mmalign.trainers.ddpo:DDPOConfig", "mmalign.trainers.ddpo:DDPOTrainer"),

@@ -17,7 +17,10 @@ from mmalign.models.adapter import GeneratorAdapter, SamplingPolicy
 from mmalign.models.rollout import sample_trajectories
 from mmalign.rewards import Reward
 
-__all__ = ["GeneratorEval", "evaluate_generator", "load_run_pipeline", "mean_ci"]
+__all__ = ["DEFAULT_SAMPLER", "GeneratorEval", "evaluate_generator", "load_generator", "load_run_pipeline", "mean_ci"]
+
+#: the sampler of ``mmalign eval`` where neither the command nor the run's config sets one
+DEFAULT_SAMPLER: dict[str, float | int] = {"num_steps": 20, "eta": 1.0, "guidance_scale": 5.0}
 
 
 def mean_ci(values: torch.Tensor, z: float = 1.96) -> dict[str, float]:
@@ -131,3 +134,23 @@ def load_run_pipeline(run_dir: str | Path):
         raise ValueError(f"run: {str(run_dir)!r} has no exported weights (lora/ or pipeline/); has it finished?")
     sampler = {k: config[k] for k in ("num_steps", "eta", "guidance_scale") if k in config}
     return pipe, sampler
+
+
+def load_generator(run: str | Path | None = None, pipeline: str | None = None, device: str = "cpu",
+                   num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None):
+    """``(adapter, policy, settings)`` of a training run's result or a pipeline ('world', a hub id, a folder),
+    on ``device``: each sampler setting given, else the run's, else ``DEFAULT_SAMPLER``'s. ``settings`` holds
+    them and the ``pipeline`` name (the run's base for a run)."""
+    from mmalign.models.pipelines import adapter_for, load_pipeline
+
+    if (run is None) == (pipeline is None):
+        raise ValueError("give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH (in a recipe: run or pipeline)")
+    if run is not None:
+        pipe, sampler = load_run_pipeline(run)
+        name = json.loads((Path(run) / "config.json").read_text()).get("pipeline")
+    else:
+        pipe, sampler, name = load_pipeline(pipeline), {}, pipeline
+    given = {"num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}
+    settings = {k: v if v is not None else sampler.get(k, DEFAULT_SAMPLER[k]) for k, v in given.items()}
+    adapter = adapter_for(pipe.to(device), settings["guidance_scale"])
+    return adapter, adapter.make_policy(settings["num_steps"], settings["eta"]), {"pipeline": name, **settings}

@@ -124,14 +124,15 @@ class Ensemble(Reward):
         self.running_var.copy_(torch.where(seen, new_var, var))
         self.count.add_(n_batch)
 
-    def forward(self, batch: MediaBatch) -> RewardOutput:
-        outputs = [member(batch) for member in self.members]
-        raw = torch.stack([out.scores.to(batch.device, torch.float32) for out in outputs])  # (members, B)
+    def combine(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(scores, uncertainty, z)`` of members' raw scores ``(members, B)`` under the current statistics
+        (not updated here): what ``forward`` returns, for scores computed elsewhere (e.g. all of an
+        evaluation's samples at once, after ``update_statistics`` on all of them)."""
+        if raw.ndim != 2 or raw.shape[0] != len(self.members):
+            raise ValueError(f"raw: expected ({len(self.members)} members, B) scores, got shape {tuple(raw.shape)}")
         finite = torch.isfinite(raw).all(0)
         z = raw
         if self.standardize:
-            if not self.statistics_held:
-                self.update_statistics(raw.detach())
             mean = self.running_mean.to(raw)[:, None]
             std = self.running_var.sqrt().clamp_min(_MIN_STD).to(raw)[:, None]
             z = (raw - mean) / std
@@ -143,6 +144,14 @@ class Ensemble(Reward):
             scores = safe.mean(0) - self.lam * spread
         else:
             scores = safe.min(0).values
+        return torch.where(finite, scores, math.nan), torch.where(finite, spread.sqrt(), math.nan), z
+
+    def forward(self, batch: MediaBatch) -> RewardOutput:
+        outputs = [member(batch) for member in self.members]
+        raw = torch.stack([out.scores.to(batch.device, torch.float32) for out in outputs])  # (members, B)
+        if self.standardize and not self.statistics_held:
+            self.update_statistics(raw.detach())
+        scores, uncertainty, z = self.combine(raw)
         components: dict[str, torch.Tensor] = {}
         info: dict[str, Any] = {}
         for k, (name, out) in enumerate(zip(self.member_names, outputs)):
@@ -152,12 +161,7 @@ class Ensemble(Reward):
                 info[f"{name}/mean"] = float(self.running_mean[k])
                 info[f"{name}/std"] = float(self.running_var[k].sqrt())
             components.update({f"{name}/{key}": value for key, value in out.components.items()})
-        return RewardOutput(
-            torch.where(finite, scores, math.nan),
-            components,
-            torch.where(finite, spread.sqrt(), math.nan),
-            info,
-        )
+        return RewardOutput(scores, components, uncertainty, info)
 
     def extra_repr(self) -> str:
         lam = f", lam={self.lam:g}" if self.mode == "uwo" else ""

@@ -93,11 +93,11 @@ def curves_figure(
         xs = [r.get(x, i) for i, r in enumerate(rows)]
         for i, key in enumerate(keys):
             ax = fig.add_subplot(top[0, i])
-            mean = [float(r.get(f"{key}/mean", r.get(key, float("nan")))) for r in rows]
+            mean = [_number(r.get(f"{key}/mean", r.get(key))) for r in rows]
             ax.plot(xs, mean, "o", ms=3, alpha=0.4, label="raw")
             ax.plot(xs, smooth(mean), "-", lw=1.5, label="smoothed")
             if any(f"{key}/std" in r for r in rows):
-                std = [r.get(f"{key}/std", 0.0) for r in rows]
+                std = [_number(r.get(f"{key}/std"), 0.0) for r in rows]
                 ax.fill_between(xs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)], alpha=0.15)
             ax.set_title(key)
             ax.set_xlabel(X_LABELS.get(x, x))
@@ -112,6 +112,12 @@ def curves_figure(
             ax.set_xlabel(X_LABELS["step"])
             ax.grid(alpha=0.3)
     return fig
+
+
+def _number(value: Any, missing: float = float("nan")) -> float:
+    """A logged value as a float; ``missing`` for an absent one or a null (TRL logs a reward that scored no
+    completion of a step, such as one for grounding questions only, as null)."""
+    return missing if value is None else float(value)
 
 
 #: the eval reward whose peak the eval panel marks, when present (the shapes world's verifier)

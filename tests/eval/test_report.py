@@ -8,7 +8,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from mmalign.eval.grid import image_grid, label_font
-from mmalign.eval.report import X_LABELS, plot_curves, read_metrics, save_grids, smooth
+from mmalign.eval.report import X_LABELS, curves_figure, plot_curves, read_metrics, save_grids, smooth
 
 
 def test_smooth_is_the_debiased_moving_average():
@@ -29,6 +29,12 @@ def test_curves_count_what_their_rows_count(tmp_path, monkeypatch):
     monkeypatch.setattr(matplotlib.axes.Axes, "set_xlabel", lambda ax, text, *a, **k: (labels.append(text), original(ax, text))[1])
     assert plot_curves(rows, ["reward"], tmp_path / "c.png", x="step").is_file()
     assert labels == [X_LABELS["step"]]
+
+
+def test_curves_skip_null_values(tmp_path):
+    rows = [{"step": 1, "r/mean": None, "r/std": None}, {"step": 2, "r/mean": 0.5, "r/std": 0.1}]
+    figure = curves_figure(rows, ["r"], x="step")
+    assert [list(line.get_ydata()) for line in figure.axes[0].lines][0][1] == 0.5  # the null is a gap, not an error
 
 
 def test_read_metrics_keeps_the_last_row_of_a_repeated_step(tmp_path):

@@ -89,10 +89,16 @@ def test_rescoring_reproduces_the_stored_log_probs_and_one_step_matches_torch_no
                                rtol=1e-6, atol=1e-3)
 
 
-def test_flux_timesteps_follow_the_pipelines_dynamic_shift():
-    """Flux's sigmas: ``linspace(1, 1/n, n)`` shifted by μ of its 16 packed tokens, as FluxPipeline sets them."""
-    adapter = _adapter("flux-dev")
+@pytest.mark.parametrize("name", ["flux-dev", "sd3-dynamic"])
+def test_timesteps_follow_the_pipelines_dynamic_shift(name):
+    """Flux's sigmas: ``linspace(1, 1/n, n)`` shifted by μ of its 16 packed tokens, as FluxPipeline sets them; an
+    SD3 scheduler with dynamic shifting: μ of its 16 patches, as StableDiffusion3Pipeline computes it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    adapter = _adapter("flux-dev" if name == "flux-dev" else "sd3")
     pipe = adapter.pipeline
+    if name == "sd3-dynamic":
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
     seen = []
     pipe(PROMPTS[:1], num_inference_steps=4, output_type="latent",
          callback_on_step_end=lambda p, i, t, kw: seen.append(float(t)) or {})

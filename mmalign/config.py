@@ -56,6 +56,7 @@ TASKS: dict[str, Task] = {
     "ddpo": Task("mmalign.trainers.ddpo:DDPOConfig", "mmalign.trainers.ddpo:DDPOTrainer"),
     "diffusion_grpo": Task("mmalign.trainers.diffusion_grpo:GRPOConfig", "mmalign.trainers.diffusion_grpo:GRPOTrainer"),
     "d2align": Task("mmalign.trainers.d2align:D2AlignConfig", "mmalign.trainers.d2align:D2AlignTrainer"),
+    "diffusion_nft": Task("mmalign.trainers.diffusion_nft:NFTConfig", "mmalign.trainers.diffusion_nft:NFTTrainer"),
     "vlm_grpo": Task("mmalign.trainers.vlm_grpo.recipe:VLMGRPOConfig", "mmalign.trainers.vlm_grpo.recipe:VLMGRPORecipeTrainer"),
 }
 

@@ -194,7 +194,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "direct-align": ("backprop", {"method": "direct_align"}),
     "direct-align+ckpt": ("backprop", {"method": "direct_align", **_CHECKPOINTING}),
 }
-DEFAULT_VARIANTS = ("prdp", "ddpo", "diffusion_grpo", *VARIANTS)
+DEFAULT_VARIANTS = ("prdp", "ddpo", "diffusion_grpo", "diffusion_nft", *VARIANTS)
 
 
 @dataclass

@@ -151,12 +151,18 @@ class DiffusionLoop:
         config: the recipe.
         pipeline: a pipeline to train instead of loading ``config.pipeline`` (tests build tiny ones in code).
         needs_reference: store π_ref's log-prob of every sampled step (``trajectory.ref_log_probs``).
+        needs_log_probs: the update uses the sampled steps' log-probs, so the first rollout checks that re-scoring
+            reproduces them; False for an algorithm that trains on the clean samples alone (DiffusionNFT), which
+            may then sample with any solver, deterministic ones included, and with weights of its own.
     """
 
-    def __init__(self, config: DiffusionConfig, pipeline=None, progress: bool = True, needs_reference: bool = True):
+    def __init__(self, config: DiffusionConfig, pipeline=None, progress: bool = True, needs_reference: bool = True,
+                 needs_log_probs: bool = True):
         self.config, self._pipeline, self.progress = config, pipeline, progress
-        self.needs_reference = needs_reference
+        self.needs_reference, self.needs_log_probs = needs_reference, needs_log_probs
         self.state: dict[str, Any] = {}  # the algorithm's resumable state: name → object with state_dict()
+        #: entered around each rollout: the weights it samples with (default the trained ones)
+        self.sampling_weights: Callable[[], Any] = nullcontext
 
     # ------------------------------------------------------------------------------------------- setup
     def setup(self) -> None:
@@ -262,14 +268,15 @@ class DiffusionLoop:
                 metadata.append({**meta, "group": first_group + g, "prompt_index": index})
         self.denoiser.eval()
         with acc.autocast():
-            trajectory = sample_trajectories(
-                self.adapter, self.policy, texts, metadata, self.run.generator(epoch, 0), denoiser=self.raw_denoiser,
-                group_size=cfg.samples_per_prompt if cfg.shared_initial_noise else 1,
-            )
+            with self.sampling_weights():
+                trajectory = sample_trajectories(
+                    self.adapter, self.policy, texts, metadata, self.run.generator(epoch, 0),
+                    denoiser=self.raw_denoiser, group_size=cfg.samples_per_prompt if cfg.shared_initial_noise else 1,
+                )
             if self.needs_reference:
                 with reference_policy(self.raw_denoiser, self.ref_copy) as ref:
                     trajectory.ref_log_probs = trajectory_log_probs(self.adapter, self.policy, ref, trajectory)
-            if epoch == self.start_epoch:  # the training path must re-score exactly what sampling produced
+            if self.needs_log_probs and epoch == self.start_epoch:  # re-scoring must give what sampling produced
                 assert_ratio_is_one(trajectory_log_probs(self.adapter, self.policy, self.denoiser, trajectory),
                                     trajectory.log_probs)
         return trajectory
@@ -489,15 +496,18 @@ class DiffusionTrainer:
     """The trainer protocol (``setup`` → ``train``, which resumes → ``report`` → ``export`` → ``cleanup``) over a
     ``DiffusionLoop``. An algorithm subclasses it with its ``update(trajectory, epoch)`` and sets ``name`` (the
     progress bar's), ``curve_keys`` (metrics drawn in the report's curves) and ``needs_reference`` (whether the
-    rollout stores π_ref's log-probs); everything else is the loop's."""
+    rollout stores π_ref's log-probs) and ``needs_log_probs`` (whether the update uses the sampled steps' log-probs);
+    everything else is the loop's."""
 
     name = "train"
     curve_keys: tuple[str, ...] = ("approx_kl", "loss")
     needs_reference = True
+    needs_log_probs = True
 
     def __init__(self, config: DiffusionConfig, pipeline=None, progress: bool = True) -> None:
         self.config = config
-        self.loop = DiffusionLoop(config, pipeline, progress, needs_reference=self.needs_reference)
+        self.loop = DiffusionLoop(config, pipeline, progress, needs_reference=self.needs_reference,
+                                  needs_log_probs=self.needs_log_probs)
 
     @property
     def run_dir(self) -> Path:

@@ -2,7 +2,7 @@
 subprocess, and in process through ``run``.
 
 usage: python diffusion_run.py ALGORITHM OUTPUT_DIR EPOCHS [--report] [--kill-after-epoch N] [--kill-at NAME]
-(ALGORITHM: prdp, ddpo, grpo, backprop or d2align; --kill-at: die just before NAME, a file or folder of the run
+(ALGORITHM: prdp, ddpo, grpo, backprop, d2align or nft; --kill-at: die just before NAME, a file or folder of the run
 folder such as summary.json or lora, is moved into place)
 """
 
@@ -22,6 +22,7 @@ from mmalign.trainers.backprop import BackpropConfig, BackpropTrainer  # noqa: E
 from mmalign.trainers.d2align import D2AlignConfig, D2AlignTrainer  # noqa: E402
 from mmalign.trainers.ddpo import DDPOConfig, DDPOTrainer  # noqa: E402
 from mmalign.trainers.diffusion_grpo import GRPOConfig, GRPOTrainer  # noqa: E402
+from mmalign.trainers.diffusion_nft import NFTConfig, NFTTrainer  # noqa: E402
 from mmalign.trainers.lora import trainable_state  # noqa: E402
 from mmalign.trainers.prdp import PRDPConfig, PRDPTrainer  # noqa: E402
 
@@ -36,6 +37,7 @@ ALGORITHMS = {
     "grpo": (GRPOTrainer, GRPOConfig, {"beta": 0.1, "timestep_fraction": 0.5}),
     "backprop": (BackpropTrainer, BackpropConfig, {"reward": ["brightness"], "method": "alignprop", "grad_steps": 2}),
     "d2align": (D2AlignTrainer, D2AlignConfig, {"correction_prompts": 2, "correction_steps": 20, "correction_radius": 0.2}),
+    "nft": (NFTTrainer, NFTConfig, {"timestep_fraction": 0.5, "old_decay_rate": 0.3, "reference_weight": 0.1}),
 }
 #: a small before/after report (``--report``)
 REPORT = {"prompts": {"world": "train", "n": 2, "seed": 0}, "samples_per_prompt": 2, "rewards": [], "grid_prompts": 2}

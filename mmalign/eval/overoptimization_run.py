@@ -20,6 +20,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from mmalign.config import Recipe, check_device
+from mmalign.eval.best_of_k import within_prompt_agreement
 from mmalign.eval.generator import evaluate_generator, load_generator
 from mmalign.eval.overoptimization import overoptimization_curves
 from mmalign.eval.overoptimization_plot import plot_overoptimization
@@ -99,6 +100,21 @@ def _proxy_scores(proxies: dict[str, Reward], columns: dict[str, torch.Tensor]) 
     return scores
 
 
+def _agreement(proxies: dict[str, Reward], tables: dict[str, torch.Tensor], columns: dict[str, torch.Tensor],
+               gold: torch.Tensor) -> dict:
+    """Each proxy's within-prompt agreement with gold (``within_prompt_agreement``); for an ensemble also each
+    member's, and how alike its members rank (the mean correlation of their prompt-centred scores, pairwise)."""
+    agreement = {}
+    for label, reward in proxies.items():
+        agreement[label] = within_prompt_agreement(tables[label], gold)
+        if isinstance(reward, Ensemble):
+            members = [columns[f"{label}/#{k}"].view(gold.shape) for k in range(len(reward.members))]
+            agreement[label]["members"] = [within_prompt_agreement(m, gold) for m in members]
+            pairs = [within_prompt_agreement(a, b)["correlation"] for i, a in enumerate(members) for b in members[i + 1:]]
+            agreement[label]["member_correlation"] = sum(pairs) / len(pairs) if pairs else None
+    return agreement
+
+
 def run_overoptimization(recipe: OverOptimizationRecipe, progress: bool = True) -> dict:
     """Sample, score, compute the curves, write the outputs into ``recipe.out``; returns the JSON summary."""
     adapter, policy, sampler = load_generator(recipe.run, recipe.pipeline, recipe.device, recipe.num_steps,
@@ -114,6 +130,7 @@ def run_overoptimization(recipe: OverOptimizationRecipe, progress: bool = True) 
     tables = {label: values.view(shape) for label, values in scores.items()}
     gold_table = evaluation.scores[ORACLE].view(shape)
     result = overoptimization_curves({**tables, ORACLE: gold_table}, gold_table)
+    result["agreement"] = _agreement(proxies, tables, evaluation.scores, gold_table)
     result.update(recipe=recipe.model_dump(), sampler=sampler, prompt_texts=[text for text, _ in prompts])
     out = Path(recipe.out)
     write_text_atomic(out / "overoptimization.json", json.dumps(result, indent=2) + "\n")
@@ -162,6 +179,13 @@ def format_curves(result: dict) -> str:
         gain, fall, peak = curve["gain"], curve["fall"], curve["peak"]
         lines.append(f"{name}: peak at n={peak['n']} ({peak['gold']:.3f}); gold(N) − gold(1) {_ci(gain)}; "
                      f"gold(N) − gold(peak) {_ci(fall)}")
+    for name, agreement in result.get("agreement", {}).items():
+        line = (f"{name}: within-prompt pairwise accuracy with gold {agreement['pairwise_accuracy']:.3f} "
+                f"({agreement['pairs']} pairs)")
+        if "members" in agreement:
+            members = ", ".join(f"{m['pairwise_accuracy']:.3f}" for m in agreement["members"])
+            line += f"; members {members}, their mutual correlation {agreement['member_correlation']:.3f}"
+        lines.append(line)
     return "\n".join(lines)
 
 

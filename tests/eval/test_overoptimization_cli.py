@@ -47,6 +47,10 @@ def test_overoptimization_command_end_to_end(tmp_path, tiny_sd_factory, capsys):
     result = json.loads((out / "overoptimization.json").read_text())
     assert result["sampler"]["num_steps"] == 2 and result["recipe"]["samples_per_prompt"] == 4
     assert result["curves"]["gold picks"]["peak"]["n"] == 4
+    ens_agreement = result["agreement"]["ens"]
+    assert len(ens_agreement["members"]) == 2 and -1 <= ens_agreement["member_correlation"] <= 1
+    member_a = ens_agreement["members"][0]["pairwise_accuracy"]  # the ensemble's first member is proxy a
+    assert member_a == pytest.approx(result["agreement"]["a"]["pairwise_accuracy"])
 
 
 @pytest.mark.parametrize(("argv", "message"), [

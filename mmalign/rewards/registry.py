@@ -56,6 +56,7 @@ _BUILTIN: dict[str, str] = {
     "gold_video": "mmalign.world.video:GoldVideoReward",
     "proxy": "mmalign.world.proxy_reward:ProxyScore",
     "preference_proxy": "mmalign.world.proxy_reward:PreferenceProxyScore",
+    "preference_ensemble": "mmalign.world.proxy_reward:PreferenceEnsemble",
     "world_accuracy": "mmalign.world.answer_reward:WorldAnswerAccuracy",
     "world_iou": "mmalign.world.answer_reward:WorldBoxIoU",
 }

@@ -34,7 +34,7 @@ from mmalign.eval.best_of_k import variance_components
 from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.generator import IMAGE_SIZE, GeneratorRecipe, build_generator
-from mmalign.world.preference import PreferenceRecipe, build_preference
+from mmalign.world.preference import PreferenceRecipe, build_preference, build_preference_ensemble
 from mmalign.world.proxy import ProxyRecipe, build_proxy, proxy_scores
 from mmalign.world.render import render_batch
 from mmalign.world.verify import verify_batch
@@ -43,7 +43,12 @@ from mmalign.world.vlm import build_vlm
 __all__ = ["MODELS", "build", "evaluate", "folder_size", "reconstruction"]
 
 #: Buildable models and the asset folder each is saved to.
-MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference"}
+MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference",
+                          "preference-ensemble": "preference_ensemble"}
+#: the models sampled from the generator and fine-tuned from the proxy: built here, after both
+_FROM_BOTH = ("preference", "preference-ensemble")
+#: members per label set of the preference ensembles (docs/overoptimization.md)
+ENSEMBLE_MEMBERS = 3
 REPORT = "build_report.json"
 
 
@@ -84,6 +89,10 @@ def _build_one(name: str, target: Path, recipes: dict, steps: int | None, progre
         "preference": lambda folder: build_preference(
             folder, recipes["preference"], _sibling(target, "generator"), _sibling(target, "proxy"), progress,
             evaluate_prompts=64 if steps is None else 2,
+        ),
+        "preference-ensemble": lambda folder: build_preference_ensemble(
+            folder, recipes["preference"], ENSEMBLE_MEMBERS, _sibling(target, "generator"), _sibling(target, "proxy"),
+            progress,
         ),
     }
     start, cpu = time.perf_counter(), time.process_time()
@@ -154,7 +163,7 @@ def build(
         if processes > 1:  # the preference proxy is built from the other two: here, once they are done
             pool = stack.enter_context(ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")))
             results = {n: pool.submit(_build_one, n, out / MODELS[n], *job, report["threads"])
-                       for n in names[1:] if n != "preference"}
+                       for n in names[1:] if n not in _FROM_BOTH}
             results[names[0]] = _build_one(names[0], out / MODELS[names[0]], *job)
         else:
             results = {n: _build_one(n, out / MODELS[n], *job) for n in pair_names}
@@ -168,9 +177,9 @@ def build(
                 report["evaluation"] = evaluate(*pair, evaluate_prompts, progress=progress)
                 report["seconds"]["evaluation"] = round(time.perf_counter() - evaluation_start, 1)
             report["seconds"]["generator_proxy_and_evaluation_wall"] = round(time.perf_counter() - start, 1)
-        if "preference" in names:
-            report["preference"], report["seconds"]["preference"], report["cpu_seconds"]["preference"] = (
-                _build_one("preference", out / MODELS["preference"], *job)
+        for name in (n for n in _FROM_BOTH if n in names):
+            report[name], report["seconds"][name], report["cpu_seconds"][name] = (
+                _build_one(name, out / MODELS[name], *job)
             )
         if "vlm" in names:
             outcome = _outcome(results["vlm"]) if "vlm" in results else _build_one("vlm", out / MODELS["vlm"], *job)

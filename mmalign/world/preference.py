@@ -25,13 +25,18 @@ import torch
 from tqdm.auto import tqdm
 
 from mmalign.rewards.bradley_terry import bradley_terry_loss
+from mmalign.seeds import derived_seed
 from mmalign.world.assets import generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.proxy import clip_step, paired_cosines, proxy_scores
 from mmalign.world.verify import verify_batch
 
-__all__ = ["Comparisons", "PreferenceRecipe", "sample_comparisons", "train_preference",
-           "compare_on_heldout", "build_preference"]
+#: the two data sets of the preference ensembles: the gold labels, and the same with a quarter of them flipped
+ENSEMBLE_LABELS: dict[str, float] = {"clean": 0.0, "noisy": 0.25}
+_FLIP_STREAM = 1  # derived_seed(seed, _FLIP_STREAM): the label flips, apart from the seed's other draws
+
+__all__ = ["Comparisons", "PreferenceRecipe", "sample_comparisons", "label_flips", "train_preference",
+           "compare_on_heldout", "build_preference", "build_preference_ensemble", "ENSEMBLE_LABELS"]
 
 
 @dataclass
@@ -48,6 +53,8 @@ class PreferenceRecipe:
     prompts_per_step: int = 32
     lr: float = 3e-4
     weight_decay: float = 0.1
+    train_seed: int | None = None  # seed of the fine-tuning's batches (None: ``seed``); the data stay ``seed``'s
+    label_noise: float = 0.0  # fraction of comparisons whose label is flipped, drawn once from ``seed``
 
     def __post_init__(self) -> None:
         for name in ("prompts", "steps", "prompts_per_step"):
@@ -55,6 +62,8 @@ class PreferenceRecipe:
                 raise ValueError(f"{name}: expected a positive int, got {getattr(self, name)!r}")
         if self.samples_per_prompt < 2:
             raise ValueError(f"samples_per_prompt: expected at least 2 to compare, got {self.samples_per_prompt!r}")
+        if not 0 <= self.label_noise < 1:
+            raise ValueError(f"label_noise: expected a fraction in [0, 1), got {self.label_noise!r}")
 
 
 @dataclass
@@ -85,21 +94,35 @@ def sample_comparisons(pipe, recipe: PreferenceRecipe, split: str = "train", bat
     return Comparisons(images, texts, gold, recipe.samples_per_prompt)
 
 
+def label_flips(data: Comparisons, recipe: PreferenceRecipe) -> torch.Tensor | None:
+    """Which same-prompt pairs (``(prompts, k(k−1)/2)``, ``triu_indices`` order) have their label flipped:
+    each with probability ``label_noise``, drawn from ``seed`` alone, so every member trained on one noisy data
+    set sees the same wrong labels (as Coste et al.'s ensembles do). None without label noise."""
+    if not recipe.label_noise:
+        return None
+    k = data.samples_per_prompt
+    gen = torch.Generator().manual_seed(derived_seed(recipe.seed, _FLIP_STREAM))
+    return torch.rand(data.num_prompts, k * (k - 1) // 2, generator=gen) < recipe.label_noise
+
+
 def train_preference(model, tokenizer, data: Comparisons, recipe: PreferenceRecipe, progress: bool = True):
-    """Fine-tune an OpenCLIP ``model`` in place on ``data`` with the Bradley–Terry loss on ``logit_scale·cos``."""
-    torch.manual_seed(recipe.seed)
+    """Fine-tune an OpenCLIP ``model`` in place on ``data`` with the Bradley–Terry loss on ``logit_scale·cos``
+    (``recipe.label_noise`` of the pairs with their label flipped, ``label_flips``)."""
+    seed = recipe.seed if recipe.train_seed is None else recipe.train_seed
+    torch.manual_seed(seed)
     model.train().requires_grad_(True)
     ids = tokenizer(data.texts)
     k = data.samples_per_prompt
+    flips = label_flips(data, recipe)
     opt = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, recipe.lr, total_steps=recipe.steps, pct_start=0.1)
-    gen = torch.Generator().manual_seed(recipe.seed)
+    gen = torch.Generator().manual_seed(seed)
     bar = tqdm(range(recipe.steps), desc="preference", disable=not progress)
     for _ in bar:
         groups = torch.randint(data.num_prompts, (recipe.prompts_per_step,), generator=gen)
         index = (groups[:, None] * k + torch.arange(k)).flatten()
         scores = model.logit_scale.exp() * paired_cosines(model, data.images[index], ids[index]).view(-1, k)
-        loss = bradley_terry_loss(scores, data.gold[index].view(-1, k))
+        loss = bradley_terry_loss(scores, data.gold[index].view(-1, k), None if flips is None else flips[groups])
         clip_step(model, opt, sched, loss)
         bar.set_postfix(loss=f"{loss.item():.3f}")
     return model.eval().requires_grad_(False)
@@ -126,8 +149,6 @@ def build_preference(folder: str | Path, recipe: PreferenceRecipe | None = None,
     on them and save it into ``folder`` in the proxy's OpenCLIP ``local-dir:`` layout, with a
     ``build_report.json`` comparing it with the proxy on held-out prompts (``evaluate_prompts``; 0 skips that).
     Returns that report."""
-    from safetensors.torch import save_file
-
     from mmalign.world.assets import proxy_path
 
     recipe = recipe or PreferenceRecipe()
@@ -138,14 +159,60 @@ def build_preference(folder: str | Path, recipe: PreferenceRecipe | None = None,
     model, _, tokenizer = load_proxy(path=str(source))
     train_preference(model, tokenizer, data, recipe, progress)
     folder = Path(folder)
-    shutil.copytree(source, folder, dirs_exist_ok=True)  # config and tokenizer are the proxy's
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
-              str(folder / "open_clip_model.safetensors"))
+    _save_fine_tuned(model, source, folder)
     report: dict = {"recipe": asdict(recipe), "comparisons": len(data.texts),
                     "gold_mean_of_comparisons": round(float(data.gold.mean()), 4),
                     "train_seconds": round(time.perf_counter() - start, 1)}
     if evaluate_prompts:
         report["heldout"] = compare_on_heldout({"proxy": source, "preference": folder}, pipe, recipe, evaluate_prompts,
                                                progress=progress)
+    (folder / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _save_fine_tuned(model, source: Path, folder: Path) -> None:
+    """``model`` in ``source``'s OpenCLIP ``local-dir:`` layout (its config and tokenizer) at ``folder``."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(source, folder, dirs_exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+
+
+def build_preference_ensemble(folder: str | Path, recipe: PreferenceRecipe | None = None, members: int = 3,
+                              pipeline_dir: str | Path | None = None, proxy_dir: str | Path | None = None,
+                              progress: bool = True) -> dict:
+    """Reward-model ensembles as Coste et al. train them: ``members`` preference proxies fine-tuned on the same
+    comparisons (the shipped preference proxy's, ``recipe``) from training seeds ``seed``, ``seed + 1``, …, once
+    on the gold labels (``clean-0`` … : ``clean-0`` is the shipped recipe itself) and once with a quarter of the
+    labels flipped (``noisy-0`` …; ``ENSEMBLE_LABELS``). Each member is saved in the proxy's layout under
+    ``folder``; ``build_report.json`` gives the flipped share, seconds per member and sizes. Returns the report."""
+    from mmalign.world.assets import proxy_path
+
+    if not isinstance(members, int) or members < 1:
+        raise ValueError(f"members: expected a positive int, got {members!r}")
+    recipe = recipe or PreferenceRecipe()
+    start = time.perf_counter()
+    pipe = load_pipeline(path=None if pipeline_dir is None else str(pipeline_dir))
+    data = sample_comparisons(pipe, recipe, progress=progress)
+    source, folder = Path(proxy_dir or proxy_path()), Path(folder)
+    report: dict = {"recipe": asdict(recipe), "members": members, "comparisons": len(data.texts),
+                    "sampling_seconds": round(time.perf_counter() - start, 1), "member_seconds": {}, "labels": {}}
+    k = data.samples_per_prompt
+    i, j = torch.triu_indices(k, k, 1)
+    decided = data.gold.view(-1, k)[:, i] != data.gold.view(-1, k)[:, j]
+    for labels, noise in ENSEMBLE_LABELS.items():
+        member_recipe = replace(recipe, label_noise=noise)
+        flips = label_flips(data, member_recipe)
+        report["labels"][labels] = {"label_noise": noise, "decided_pairs": int(decided.sum()),
+                                    "flipped_pairs": 0 if flips is None else int(flips[decided].sum())}
+        for m in range(members):
+            member_start = time.perf_counter()
+            model, _, tokenizer = load_proxy(path=str(source))
+            train_preference(model, tokenizer, data, replace(member_recipe, train_seed=recipe.seed + m), progress)
+            _save_fine_tuned(model, source, folder / f"{labels}-{m}")
+            report["member_seconds"][f"{labels}-{m}"] = round(time.perf_counter() - member_start, 1)
+    report["seconds"] = round(time.perf_counter() - start, 1)
+    report["size_bytes"] = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
     (folder / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
     return report

@@ -21,7 +21,7 @@ Timesteps (``timesteps: sampler``, the public code's): each sample trains ``ceil
 distinct timesteps of the rollout sampler's own schedule, drawn per sample and pass, one model call (and one
 backward) each, so the loss is weighted where the sampler spends its steps; ``timesteps: uniform`` draws them from
 the forward process's range ``timestep_range`` instead. Training is CFG-free: the loss sees the model's
-conditional output whatever ``guidance_scale`` the rollouts sample with.
+conditional output (no CFG combination) whatever ``guidance_scale`` the rollouts sample with.
 
 θ_old is a copy of the trained parameters (LoRA adapters or the whole denoiser), swapped into the denoiser for
 the rollouts and ``v_old``; after each epoch it follows θ softly, ``θ_old ← η·θ_old + (1 − η)·θ`` with
@@ -97,15 +97,20 @@ def optimality_probability(rewards: torch.Tensor, group_size: int, adv_clip_max:
     return 0.5 + 0.5 * (advantages / adv_clip_max).clamp(-1.0, 1.0)
 
 
+def _conditional_only(run, x: torch.Tensor, timestep, cond: dict, uncond: dict) -> torch.Tensor:
+    return run(x, timestep, **cond)
+
+
 @contextmanager
 def conditional_output(adapter: GeneratorAdapter) -> Iterator[None]:
-    """The adapter's ``model_output`` without classifier-free guidance: the model's conditional prediction."""
-    scale = adapter.guidance_scale
-    adapter.guidance_scale = 1.0
+    """The adapter's ``model_output`` without classifier-free guidance: its ``guided`` combination gives the
+    conditional call alone (the model's conditional prediction). Guidance a model takes as an input (Flux-dev's
+    embedding) is part of the model and stays as the rollouts use it."""
+    adapter.guided = _conditional_only  # shadows the method on this instance only
     try:
         yield
     finally:
-        adapter.guidance_scale = scale
+        del adapter.guided
 
 
 class OldPolicy:

@@ -51,7 +51,8 @@ def _perturbed_trainer(tmp_path, factory, prediction_type, **overrides):
     """A LoRA trainer set up on the tiny pipeline with θ_old ≠ θ ≠ π_ref: the adapters' B is moved once, θ_old
     follows it, and B is moved again. Returns the trainer and θ_old's LoRA values."""
     cfg = config(str(tmp_path / "run"), 1, "nft").model_copy(update=overrides)
-    trainer = NFTTrainer(cfg, pipeline=factory(seed=0, prediction_type=prediction_type), progress=False)
+    pipeline = factory(seed=0) if prediction_type is None else factory(seed=0, prediction_type=prediction_type)
+    trainer = NFTTrainer(cfg, pipeline=pipeline, progress=False)
     trainer.setup()
     params = trainable_state(trainer.loop.raw_denoiser)
 
@@ -132,6 +133,48 @@ def test_loss_matches_the_formula_written_out(tmp_path, tiny_sd_factory, predict
     torch.testing.assert_close(loss.double(), expected, rtol=2e-4, atol=0)
     torch.testing.assert_close(parts["loss"].double(), per_sample[valid], rtol=2e-4, atol=0)
     assert float((v_theta - v_old).abs().max()) > 1e-3 and float((v_old - v_ref).abs().max()) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux-dev"])
+def test_flow_matching_transformers_train_on_the_velocity(tmp_path, family):
+    """On SD3 (true CFG) and Flux-dev (guidance embedded) from flow-ODE rollouts: the loss against rectified-flow
+    noising ``(1−σ)·x0 + σ·ε``, the velocity target ``ε − x0`` and ``x̂0 = x_t − σ·u`` written out here, with the
+    model's unguided output (SD3's CFG batch dropped; Flux's embedded guidance is the model's own input)."""
+    from tiny_models import make_tiny_flux_pipeline, make_tiny_sd3_pipeline
+
+    factory = make_tiny_sd3_pipeline if family == "sd3" else make_tiny_flux_pipeline
+    trainer, old_weights = _perturbed_trainer(tmp_path, factory, None, beta=0.5, reference_weight=0.0)
+    loop, adapter = trainer.loop, trainer.loop.adapter
+    part = loop.rollout(0).select(torch.arange(3))
+    x0 = part.latents[:, -1].double()
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t = torch.tensor([900.0, 500.0, 100.0])
+    r, valid = torch.tensor([0.9, 0.1, 0.5]), torch.ones(3, dtype=torch.bool)
+
+    loss, _ = trainer.loss(part, eps.float(), t, r, valid)
+
+    sigma = (t.double() / 1000).view(-1, 1, 1, 1)
+    x_t = (1 - sigma) * x0 + sigma * eps
+    params = trainable_state(loop.raw_denoiser)
+    live = {n: p.detach().clone() for n, p in params.items()}
+    scale, adapter.guidance_scale = adapter.guidance_scale, adapter.guidance_scale if family == "flux-dev" else 1.0
+    with torch.no_grad():
+        v_theta = adapter.model_output(loop.raw_denoiser, x_t.float(), t, part.embeds).double()
+        for n, p in params.items():
+            p.copy_(old_weights[n])
+        v_old = adapter.model_output(loop.raw_denoiser, x_t.float(), t, part.embeds).double()
+        for n, p in params.items():
+            p.copy_(live[n])
+    adapter.guidance_scale = scale
+
+    def branch(u):
+        e = x_t - sigma * u - x0
+        return e.pow(2).mean((1, 2, 3)) / e.abs().mean((1, 2, 3))
+
+    r64 = r.double()
+    terms = r64 * branch(0.5 * v_old + 0.5 * v_theta) + (1 - r64) * branch(1.5 * v_old - 0.5 * v_theta)
+    torch.testing.assert_close(loss.double(), (5.0 / 0.5 * terms).mean(), rtol=2e-4, atol=0)
+    assert float((v_theta - v_old).abs().max()) > 1e-4
 
 
 def test_rollouts_sample_the_old_policy_with_any_solver(tmp_path, tiny_sd_factory):

@@ -212,13 +212,12 @@ class VLMJudge(Reward):
             replace = getattr(self.processor, f"replace_{kind}_token")
             expanded = [replace({f"{kind}_grid_thw": grid}, i) for i in range(len(grid))]
             texts, _ = self.processor.get_text_with_replacements(list(contexts), **{f"{kind}s_replacements": expanded})
-            distinct = list(dict.fromkeys(texts))  # rows asking the same question of same-sized images
-            ids = self.processor.tokenizer(distinct)["input_ids"]
+            distinct = {t: i for i, t in enumerate(dict.fromkeys(texts))}  # same question, same-sized image
+            ids = self.processor.tokenizer(list(distinct))["input_ids"]
             tokens = {"input_ids": ids}
             if getattr(self.processor, "return_mm_token_type_ids", False):
                 tokens["mm_token_type_ids"] = self.processor.create_mm_token_type_ids(ids)
-            index = [distinct.index(t) for t in texts]
-            rows = {k: [v[i] for i in index] for k, v in tokens.items()}
+            rows = {k: [v[distinct[t]] for t in texts] for k, v in tokens.items()}
             media = {"pixel_values_videos" if video else "pixel_values": values, f"{kind}_grid_thw": grid}
         else:
             uint8 = list((pixels.detach().clamp(0, 1) * 255).round().to(torch.uint8).cpu())

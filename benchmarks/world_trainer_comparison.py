@@ -30,6 +30,8 @@ SAMPLES_PER_EPOCH = 16 * 4
 COMMON = {"num_steps": 10, "eta": 0.0, "guidance_scale": 5.0, "split": "heldout", "n": 64, "prompt_seed": 1,
           "samples_per_prompt": 4, "seed": 1234}
 REWARDS = ("gold", "preference_proxy", "proxy")
+# paired in the table: gold, and the trained reward and the proxy as their cosines (the recipes' scale 1)
+COLUMNS = ("gold", "preference_proxy/cosine", "proxy/cosine")
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def run_row(setting: Setting, run_dir: Path, base: dict) -> dict:
     timing_path = run_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     samples = setting.epochs * SAMPLES_PER_EPOCH
-    paired = {k: _paired(common["scores"][k], base["scores"][k]) for k in REWARDS}
+    paired = {k: _paired(common["scores"][k], base["scores"][k]) for k in COLUMNS}
     vendi = "diversity/vendi"
     paired[vendi] = _paired(common["diversity"][vendi], base["diversity"][vendi])
     base_vendi = sum(base["diversity"][vendi]) / len(base["diversity"][vendi])
@@ -194,7 +196,7 @@ def markdown_table(rows: list[dict], base_gold: float) -> str:
         minutes = lambda s: f"{s / 60:.1f}" if s is not None else "–"  # noqa: E731
         lines.append(
             f"| {r['method']} (`{r['name']}`) | {r['lever']} | {r['samples']:,} | {_ci(r['common']['gold'])} | "
-            f"{r['gold_per_1k_samples']:+.4f} | {_ci(r['common']['preference_proxy'])} | {_ci(r['common']['proxy'])} | "
+            f"{r['gold_per_1k_samples']:+.4f} | {_ci(r['common']['preference_proxy/cosine'])} | {_ci(r['common']['proxy/cosine'])} | "
             f"{r['vendi_ratio']:.2f} | {_ci(r['own_sampler']['gold'])} from {r['own_sampler']['gold_before']:.3f} | "
             f"{minutes(r['wall_s'])} | {minutes(r['cpu_s'])} |"
         )

@@ -26,7 +26,7 @@ def comparison():
 
 
 def _eval_file(path: Path, rng: np.random.Generator, shift: float) -> dict:
-    scores = {k: list(rng.uniform(0, 1, 8) + shift) for k in ("gold", "preference_proxy", "proxy")}
+    scores = {k: list(rng.uniform(0, 1, 8) + shift) for k in ("gold", "preference_proxy/cosine", "proxy/cosine")}
     data = {"scores": scores, "diversity": {"diversity/vendi": list(rng.uniform(1, 3, 2) + shift)}}
     path.write_text(json.dumps(data))
     return data

@@ -60,13 +60,14 @@ SHIPPED = [
 ]
 # One alternative per method, at half budget (screening: the grid must fit ~90 min on one thread).
 ALTERNATIVES = [
-    Setting("prdp-lr3e-4", "PRDP", "shapes-prdp", ("learning_rate=3e-4",), 20, "lr ÷3"),
-    Setting("ddpo-lr3e-4", "DDPO", "shapes-ddpo", ("learning_rate=3e-4",), 20, "lr ÷3"),
-    Setting("grpo-lr3e-4", "GRPO", "shapes-grpo", ("learning_rate=3e-4",), 20, "lr ÷3"),
     Setting("nft-beta0.3", "DiffusionNFT", "shapes-nft", ("beta=0.3",), 20, "β 0.3"),
     Setting("backprop-ref0.3", "AlignProp", "shapes-backprop", ("reference_weight=0.3",), 20, "λ_ref 0.3"),
+    Setting("ddpo-lr3e-4", "DDPO", "shapes-ddpo", ("learning_rate=3e-4",), 20, "lr ÷3"),
+    Setting("prdp-lr3e-4", "PRDP", "shapes-prdp", ("learning_rate=3e-4",), 20, "lr ÷3"),
+    Setting("grpo-lr3e-4", "GRPO", "shapes-grpo", ("learning_rate=3e-4",), 20, "lr ÷3"),
 ]
-GRID = SHIPPED + ALTERNATIVES
+# The order runs go in: the two shipped runs whose curves matter most, the screening, then the other shipped ones.
+GRID = [*SHIPPED[:2], *ALTERNATIVES, *SHIPPED[2:]]
 
 
 def train(setting: Setting, root: Path) -> None:
@@ -142,7 +143,7 @@ def _paired(after: list[float], before: list[float]) -> dict[str, float]:
     return mean_ci(torch.tensor(after, dtype=torch.float64) - torch.tensor(before, dtype=torch.float64))
 
 
-def run_row(setting: Setting, run_dir: Path, base: dict) -> dict:
+def run_row(setting: Setting, run_dir: Path, base: dict, source: str = "this grid") -> dict:
     """One finished run's figures: the report's own-sampler paired gold change and diversity ratio, the common
     sampler's paired changes against the base (gold, the trained reward, the proxy, Vendi), gold gained per
     1,000 samples, timing, and the held-out curve (samples seen → gold mean and 95% CI)."""
@@ -166,6 +167,7 @@ def run_row(setting: Setting, run_dir: Path, base: dict) -> dict:
     own = summary["paired_change"]
     return {
         "name": setting.name, "method": setting.method, "lever": setting.lever, "epochs": setting.epochs,
+        "source": source, "run_dir": str(run_dir),
         "samples": samples, "command": f"mmalign train {setting.recipe} {' '.join(setting.args())}",
         "own_sampler": {"gold_before": summary["before"]["gold"]["mean"], "gold": own["gold"],
                         "reward": own["reward"], "diversity_ratio": summary.get("diversity_ratio")},
@@ -188,14 +190,14 @@ def markdown_table(rows: list[dict], base_gold: float) -> str:
         f"{COMMON['n']} held-out prompts × {COMMON['samples_per_prompt']} samples, seed {COMMON['seed']}); "
         f"base gold {base_gold:.3f}. Paired change against the base, mean [95% CI].",
         "",
-        "| run | setting | samples | gold | gold per 1k samples | trained reward | proxy | Vendi ratio | "
+        "| run | setting | source | samples | gold | gold per 1k samples | trained reward | proxy | Vendi ratio | "
         "own-sampler gold (report) | wall min | CPU min |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         minutes = lambda s: f"{s / 60:.1f}" if s is not None else "–"  # noqa: E731
         lines.append(
-            f"| {r['method']} (`{r['name']}`) | {r['lever']} | {r['samples']:,} | {_ci(r['common']['gold'])} | "
+            f"| {r['method']} (`{r['name']}`) | {r['lever']} | {r['source']} | {r['samples']:,} | {_ci(r['common']['gold'])} | "
             f"{r['gold_per_1k_samples']:+.4f} | {_ci(r['common']['preference_proxy/cosine'])} | {_ci(r['common']['proxy/cosine'])} | "
             f"{r['vendi_ratio']:.2f} | {_ci(r['own_sampler']['gold'])} from {r['own_sampler']['gold_before']:.3f} | "
             f"{minutes(r['wall_s'])} | {minutes(r['cpu_s'])} |"
@@ -216,8 +218,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     colours = {}
     for r in rows:
         colour = colours.setdefault(r["method"], f"C{len(colours)}")
-        style = "-" if r["lever"] == "shipped" else "--"
-        label = f"{r['method']} ({r['lever']})"
+        style = ":" if r["source"] != "this grid" else "-" if r["lever"] == "shipped" else "--"
+        label = f"{r['method']} ({r['lever']}{', ' + r['source'] if r['source'] != 'this grid' else ''})"
         xs = [p["samples"] for p in r["curve"]]
         gold = [p["gold"] for p in r["curve"]]
         axes[0].plot(xs, gold, style, color=colour, marker="o", markersize=3, label=label)
@@ -239,21 +241,23 @@ def plot_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_table(root: Path, settings: list[Setting], png: Path) -> list[dict]:
+def write_table(root: Path, settings: list[Setting], png: Path, earlier: Path | None = None) -> list[dict]:
     """Common-sampler evaluations where missing, then ``root/comparison.{md,json}`` and the curves PNG (atomic)
-    from every finished run of ``settings``; returns the rows."""
+    from every finished run of ``settings`` in ``root`` and, labelled "earlier run", in ``earlier`` (run folders
+    of the same settings made before, e.g. by the trainer pages); returns the rows."""
     from mmalign.files import write_text_atomic
 
     common_eval("world", root / "base_common_eval.json")
     base = json.loads((root / "base_common_eval.json").read_text())
     rows = []
-    for setting in settings:
-        run_dir = root / setting.name
-        if not (run_dir / "summary.json").exists():
-            print(f"{setting.name}: not finished, left out of the table")
-            continue
-        common_eval(str(run_dir), run_dir / "common_eval.json")
-        rows.append(run_row(setting, run_dir, base))
+    for folder, source in ((root, "this grid"), (earlier, "earlier run")):
+        for setting in settings if folder is not None else []:
+            run_dir = folder / setting.name
+            if not (run_dir / "summary.json").exists():
+                print(f"{run_dir}: not finished, left out of the table")
+                continue
+            common_eval(str(run_dir), run_dir / "common_eval.json")
+            rows.append(run_row(setting, run_dir, base, source))
     base_gold = sum(base["scores"]["gold"]) / len(base["scores"]["gold"])
     table = markdown_table(rows, base_gold)
     write_text_atomic(root / "comparison.md", table)
@@ -271,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", help="setting names to run (default: the whole grid)")
     parser.add_argument("--table-only", action="store_true", help="no training: the table from what finished")
     parser.add_argument("--png", default="docs/images/comparison-curves.png", help="the curves figure")
+    parser.add_argument("--earlier", help="a folder of earlier run folders named as the grid's, added to the table")
     parser.add_argument("--eval-one", help=argparse.SUPPRESS)
     parser.add_argument("--eval-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -287,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
         # the table in a fresh process: its code may be newer than this long-running driver's
         return subprocess.run([sys.executable, __file__, "--root", str(root), "--table-only", "--png", args.png],
                               cwd=ROOT).returncode
-    write_table(root, settings, Path(args.png))
+    write_table(root, settings, Path(args.png), Path(args.earlier) if args.earlier else None)
     return 0
 
 

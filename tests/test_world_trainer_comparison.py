@@ -54,10 +54,13 @@ def test_table_is_paired_against_the_base_and_leaves_unfinished_runs_out(compari
     after = _run_folder(tmp_path / "nft", rng, 0.05)
     _run_folder(tmp_path / "nft-beta0.3", rng, 0.02)
     (tmp_path / "ddpo").mkdir()  # started, no summary.json
+    _run_folder(tmp_path / "earlier" / "ddpo", rng, -0.01)
 
-    rows = comparison.write_table(tmp_path, [shipped, screened, unfinished], tmp_path / "curves.png")
+    rows = comparison.write_table(tmp_path, [shipped, screened, unfinished], tmp_path / "curves.png",
+                                  tmp_path / "earlier")
 
-    assert [r["name"] for r in rows] == ["nft", "nft-beta0.3"]
+    assert [(r["name"], r["source"]) for r in rows] == [("nft", "this grid"), ("nft-beta0.3", "this grid"),
+                                                        ("ddpo", "earlier run")]
     differences = np.subtract(after["scores"]["gold"], base["scores"]["gold"])
     gold = rows[0]["common"]["gold"]
     half = 1.96 * differences.std(ddof=1) / math.sqrt(len(differences))
@@ -72,7 +75,7 @@ def test_table_is_paired_against_the_base_and_leaves_unfinished_runs_out(compari
     assert rows[0]["wall_s"] == 120.0 and "epochs=40" in rows[0]["command"] and "beta=0.3" in rows[1]["command"]
 
     table = (tmp_path / "comparison.md").read_text()
-    assert "`nft-beta0.3`" in table and "`ddpo`" not in table
+    assert "`nft-beta0.3`" in table and "| DDPO (`ddpo`) | shipped | earlier run |" in table
     assert json.loads((tmp_path / "comparison.json").read_text())["runs"][1]["lever"] == "β 0.3"
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 

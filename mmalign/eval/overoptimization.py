@@ -91,14 +91,16 @@ def _interval(values: torch.Tensor) -> dict[str, float]:
 
 
 def overoptimization_curves(proxies: Mapping[str, torch.Tensor], gold: torch.Tensor,
-                            ns: Sequence[int] | None = None) -> dict:
+                            ns: Sequence[int] | None = None, baselines: Mapping[str, str] | None = None) -> dict:
     """Best-of-n curves of every proxy (``{name: (prompts, samples)}``) scored by ``gold`` (same shape).
 
     Returns ``n``, ``kl`` and, per proxy, the mean and 95% CI over prompts at each n of ``gold`` (the pick's gold),
-    ``proxy`` (its own score) and ``proxy_z`` (its own score in standard deviations of all its samples, so that
-    proxies on different scales share an axis); ``peak`` (the n of the highest mean gold) and two paired changes
-    over prompts: ``gain`` (gold at the largest n − at n = 1) and ``fall`` (gold at the largest n − at the peak).
-    ``per_prompt`` holds each proxy's per-prompt gold and proxy values, ``(prompts, len(ns))``.
+    ``proxy`` (its own score) and ``proxy_gain`` (its own score above its prompt's mean, in within-prompt standard
+    deviations of that proxy: 0 at n = 1, and on one axis for proxies of any scale); ``peak`` (the n of the
+    highest mean gold) and two paired changes over prompts: ``gain`` (gold at the largest n − at n = 1) and
+    ``fall`` (gold at the largest n − at the peak). With ``baselines`` (``{name: baseline name}``), ``versus``
+    holds the paired difference of gold from the baseline's at each n (same samples, so far tighter than the two
+    intervals). ``per_prompt`` holds each proxy's per-prompt gold and proxy values, ``(prompts, len(ns))``.
     """
     if not proxies:
         raise ValueError("proxies: expected at least one proxy table, got none")
@@ -106,23 +108,33 @@ def overoptimization_curves(proxies: Mapping[str, torch.Tensor], gold: torch.Ten
     ns = doubling_ns(gold.shape[1]) if ns is None else list(ns)
     if not ns:
         raise ValueError("ns: expected at least one n, got none")
+    baselines = dict(baselines or {})
+    unknown = sorted({*baselines, *baselines.values()} - set(proxies))
+    if unknown:
+        raise ValueError(f"baselines: {unknown} are not proxies (expected names among {sorted(proxies)})")
     result: dict = {"prompts": gold.shape[0], "samples": gold.shape[1], "n": ns,
                     "kl": [round(kl_best_of_n(n), 6) for n in ns], "curves": {}, "per_prompt": {}}
+    picked = {}
     for name, table in proxies.items():
         table = check_table(f"proxies[{name!r}]", table, tuple(gold.shape))
-        std = float(table.std(unbiased=False))
-        z = (table - table.mean()) / (std if std > 0 else 1.0)
-        picked_gold, picked_proxy = best_of_n(table, gold, ns), best_of_n(table, table, ns)
-        picked_z = best_of_n(table, z, ns)
-        means = picked_gold.mean(0)
+        centred = table - table.mean(1, keepdim=True)
+        spread = float(centred.pow(2).mean().sqrt())  # within-prompt SD, pooled over prompts
+        picked[name] = best_of_n(table, gold, ns)
+        picked_proxy = best_of_n(table, table, ns)
+        picked_gain = best_of_n(table, centred / (spread if spread > 0 else 1.0), ns)
+        means = picked[name].mean(0)
         peak = int(means.argmax())
         result["curves"][name] = {
-            "gold": [_interval(picked_gold[:, k]) for k in range(len(ns))],
+            "gold": [_interval(picked[name][:, k]) for k in range(len(ns))],
             "proxy": [_interval(picked_proxy[:, k]) for k in range(len(ns))],
-            "proxy_z": [_interval(picked_z[:, k]) for k in range(len(ns))],
+            "proxy_gain": [_interval(picked_gain[:, k]) for k in range(len(ns))],
             "peak": {"n": ns[peak], "kl": result["kl"][peak], "gold": round(float(means[peak]), 6)},
-            "gain": _interval(picked_gold[:, -1] - picked_gold[:, 0]),
-            "fall": _interval(picked_gold[:, -1] - picked_gold[:, peak]),
+            "gain": _interval(picked[name][:, -1] - picked[name][:, 0]),
+            "fall": _interval(picked[name][:, -1] - picked[name][:, peak]),
         }
-        result["per_prompt"][name] = {"gold": picked_gold.tolist(), "proxy": picked_proxy.tolist()}
+        result["per_prompt"][name] = {"gold": picked[name].tolist(), "proxy": picked_proxy.tolist()}
+    for name, baseline in baselines.items():
+        difference = picked[name] - picked[baseline]
+        result["curves"][name]["versus"] = {"baseline": baseline,
+                                            "gold": [_interval(difference[:, k]) for k in range(len(ns))]}
     return result

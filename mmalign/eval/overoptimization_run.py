@@ -100,6 +100,14 @@ def _proxy_scores(proxies: dict[str, Reward], columns: dict[str, torch.Tensor]) 
     return scores
 
 
+def _baselines(labels: list[str]) -> dict[str, str]:
+    """Each proxy's baseline for paired differences: the first proxy of its ``group/`` (e.g. ``clean/single``)."""
+    first: dict[str, str] = {}
+    for label in labels:
+        first.setdefault(label.rpartition("/")[0], label)
+    return {label: first[label.rpartition("/")[0]] for label in labels if label != first[label.rpartition("/")[0]]}
+
+
 def _agreement(proxies: dict[str, Reward], tables: dict[str, torch.Tensor], columns: dict[str, torch.Tensor],
                gold: torch.Tensor) -> dict:
     """Each proxy's within-prompt agreement with gold (``within_prompt_agreement``); for an ensemble also each
@@ -129,7 +137,7 @@ def run_overoptimization(recipe: OverOptimizationRecipe, progress: bool = True) 
     scores = _proxy_scores(proxies, evaluation.scores)
     tables = {label: values.view(shape) for label, values in scores.items()}
     gold_table = evaluation.scores[ORACLE].view(shape)
-    result = overoptimization_curves({**tables, ORACLE: gold_table}, gold_table)
+    result = overoptimization_curves({**tables, ORACLE: gold_table}, gold_table, baselines=_baselines(list(tables)))
     result["agreement"] = _agreement(proxies, tables, evaluation.scores, gold_table)
     result.update(recipe=recipe.model_dump(), sampler=sampler, prompt_texts=[text for text, _ in prompts])
     out = Path(recipe.out)
@@ -146,13 +154,15 @@ def run_overoptimization(recipe: OverOptimizationRecipe, progress: bool = True) 
 def _curves_csv(result: dict) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    keys = ("gold", "proxy", "proxy_z")
-    writer.writerow(["proxy", "n", "kl", *(f"{k}_{s}" for k in keys for s in ("mean", "ci_low", "ci_high")),
-                     "prompts"])
+    keys, stats = ("gold", "proxy", "proxy_gain"), ("mean", "ci_low", "ci_high")
+    writer.writerow(["proxy", "n", "kl", *(f"{k}_{s}" for k in keys for s in stats), "prompts", "baseline",
+                     *(f"gold_minus_baseline_{s}" for s in stats)])
     for name, curve in result["curves"].items():
+        versus = curve.get("versus")
         for i, (n, kl) in enumerate(zip(result["n"], result["kl"])):
-            cells = [curve[k][i][s] for k in keys for s in ("mean", "ci_low", "ci_high")]
-            writer.writerow([name, n, kl, *cells, curve["gold"][i]["n"]])
+            cells = [curve[k][i][s] for k in keys for s in stats]
+            paired = [versus["baseline"], *(versus["gold"][i][s] for s in stats)] if versus else [""] * 4
+            writer.writerow([name, n, kl, *cells, curve["gold"][i]["n"], *paired])
     return buffer.getvalue()
 
 
@@ -177,8 +187,11 @@ def format_curves(result: dict) -> str:
     lines.append("")
     for name, curve in result["curves"].items():
         gain, fall, peak = curve["gain"], curve["fall"], curve["peak"]
-        lines.append(f"{name}: peak at n={peak['n']} ({peak['gold']:.3f}); gold(N) − gold(1) {_ci(gain)}; "
-                     f"gold(N) − gold(peak) {_ci(fall)}")
+        line = (f"{name}: peak at n={peak['n']} ({peak['gold']:.3f}); gold(N) − gold(1) {_ci(gain)}; "
+                f"gold(N) − gold(peak) {_ci(fall)}")
+        if "versus" in curve:
+            line += f"; gold(N) − {curve['versus']['baseline']}'s {_ci(curve['versus']['gold'][-1])}"
+        lines.append(line)
     for name, agreement in result.get("agreement", {}).items():
         line = (f"{name}: within-prompt pairwise accuracy with gold {agreement['pairwise_accuracy']:.3f} "
                 f"({agreement['pairs']} pairs)")

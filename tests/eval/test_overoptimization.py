@@ -82,8 +82,18 @@ def test_curves_intervals_peak_and_fall():
     oracle, hacked_curve = result["curves"]["oracle"], result["curves"]["hacked"]
     assert oracle["peak"]["n"] == 8 and oracle["fall"]["mean"] == 0 and oracle["gain"]["ci_low"] > 0
     assert hacked_curve["peak"]["n"] == 1 and hacked_curve["fall"]["ci_high"] < 0
-    means = [c["mean"] for c in hacked_curve["proxy_z"]]
-    assert means[0] == pytest.approx(0, abs=1e-9) and means == sorted(means)  # its own score keeps rising
+    gains = hacked_curve["proxy_gain"]
+    assert gains[0]["mean"] == gains[0]["ci_high"] == pytest.approx(0, abs=1e-9)  # n = 1: each prompt's mean
+    assert [g["mean"] for g in gains] == sorted(g["mean"] for g in gains)  # its own score keeps rising
+    versus = overoptimization_curves({"oracle": gold, "hacked": hacked}, gold, baselines={"hacked": "oracle"})
+    paired = np.array(versus["per_prompt"]["hacked"]["gold"]) - np.array(versus["per_prompt"]["oracle"]["gold"])
+    last = versus["curves"]["hacked"]["versus"]["gold"][-1]
+    assert last["mean"] == pytest.approx(paired[:, -1].mean(), abs=1e-6)
+    assert last["ci_high"] - last["ci_low"] == pytest.approx(2 * 1.96 * paired[:, -1].std(ddof=1) / math.sqrt(12),
+                                                             abs=1e-5)
+    assert "versus" not in versus["curves"]["oracle"]
+    with pytest.raises(ValueError, match="baselines: .*'single'"):
+        overoptimization_curves({"oracle": gold}, gold, baselines={"oracle": "single"})
 
 
 def test_bad_input_is_named():

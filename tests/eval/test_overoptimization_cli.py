@@ -40,6 +40,7 @@ def test_overoptimization_command_end_to_end(tmp_path, tiny_sd_factory, capsys):
     # the curve at n = N is the gold of each prompt's top sample by the proxy (batches of 5 cut across prompts)
     rows = {(r["proxy"], int(r["n"])): r for r in _read_csv(out / "overoptimization.csv")}
     assert {n for _, n in rows} == {1, 2, 4} and {p for p, _ in rows} == {"a", "b", "ens", "gold picks"}
+    assert rows[("ens", 4)]["baseline"] == "a" and rows[("a", 4)]["baseline"] == ""  # paired with the first proxy
     top = [gold.reshape(3, 4)[p, a.reshape(3, 4)[p].argmax()] for p in range(3)]
     assert float(rows[("a", 4)]["gold_mean"]) == pytest.approx(np.mean(top), abs=1e-5)
     assert float(rows[("a", 1)]["gold_mean"]) == pytest.approx(gold.mean(), abs=1e-5)

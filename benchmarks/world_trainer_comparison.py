@@ -154,7 +154,8 @@ def run_row(setting: Setting, run_dir: Path, base: dict, source: str = "this gri
     timing_path = run_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     samples = setting.epochs * SAMPLES_PER_EPOCH
-    paired = {k: _paired(common["scores"][k], base["scores"][k]) for k in COLUMNS}
+    paired = {k: _paired(common["scores"][k], base["scores"][k])
+              for k in (*COLUMNS, *(c for c in common["scores"] if c.startswith("gold/")))}
     vendi = "diversity/vendi"
     paired[vendi] = _paired(common["diversity"][vendi], base["diversity"][vendi])
     base_vendi = sum(base["diversity"][vendi]) / len(base["diversity"][vendi])
@@ -206,7 +207,9 @@ def markdown_table(rows: list[dict], base_gold: float) -> str:
 
 
 def plot_curves(rows: list[dict], path: Path) -> None:
-    """Held-out gold (and the trained reward) against samples seen, one line per run, 95% CI bands; atomic."""
+    """Held-out gold and trained reward against samples seen, as the change from the run's own epoch-0 evaluation
+    (the base under the run's sampler, so NFT's η = 0 and the others' η = 1 start at zero alike), one line per run
+    with a curve, 95% CI bands of the mean at each point (unpaired: the metrics keep means and stds); atomic."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -214,28 +217,32 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
     from mmalign.files import write_atomic
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
     colours = {}
     for r in rows:
         colour = colours.setdefault(r["method"], f"C{len(colours)}")
+        if not r["curve"] or r["curve"][0]["samples"] != 0:
+            continue
         style = ":" if r["source"] != "this grid" else "-" if r["lever"] == "shipped" else "--"
         label = f"{r['method']} ({r['lever']}{', ' + r['source'] if r['source'] != 'this grid' else ''})"
         xs = [p["samples"] for p in r["curve"]]
-        gold = [p["gold"] for p in r["curve"]]
-        axes[0].plot(xs, gold, style, color=colour, marker="o", markersize=3, label=label)
+        for ax, key in zip(axes, ("gold", "reward")):
+            ys = [p[key] - r["curve"][0][key] for p in r["curve"]]
+            ax.plot(xs, ys, style, color=colour, marker="o", markersize=3, label=label)
         if all(p["ci"] is not None for p in r["curve"]):
+            gold = [p["gold"] - r["curve"][0]["gold"] for p in r["curve"]]
             axes[0].fill_between(xs, [g - p["ci"] for g, p in zip(gold, r["curve"])],
-                                 [g + p["ci"] for g, p in zip(gold, r["curve"])], color=colour,
-                                 alpha=0.08 if style == "-" else 0.04)
-        axes[1].plot(xs, [p["reward"] for p in r["curve"]], style, color=colour, marker="o", markersize=3, label=label)
-    axes[0].set(xlabel="training samples seen", ylabel="held-out gold (16 prompts × 2, fixed seeds)",
-                title="gold (never trained on), 95% CI bands")
-    axes[1].set(xlabel="training samples seen", ylabel="held-out preference_proxy (trained reward)",
-                title="trained reward, same evaluations")
+                                 [g + p["ci"] for g, p in zip(gold, r["curve"])], color=colour, alpha=0.06)
+    axes[0].set(xlabel="training samples seen", ylabel="held-out gold − its epoch-0 value",
+                title="gold (never trained on); bands: 95% CI of each mean (16 prompts × 2)")
+    axes[1].set(xlabel="training samples seen", ylabel="held-out preference_proxy − its epoch-0 value",
+                title="trained reward (cosine), same evaluations")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="best")
-    fig.suptitle("Shapes world: held-out evaluation during training (each run's own sampler)", fontsize=10)
+        ax.axhline(0, color="k", linewidth=0.6)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle("Shapes world: held-out evaluation during training, each run's own sampler, fixed prompts and seeds",
+                 fontsize=10)
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)

@@ -9,36 +9,28 @@ embedding in one call, with no CFG batch; others get true CFG against the negati
 
 from __future__ import annotations
 
-from functools import cached_property
-
 import numpy as np
 import torch
 
-from mmalign.models.adapter import GeneratorAdapter
 from mmalign.models.flow_sde import FlowSDEPolicy, dynamic_shift_mu
-from mmalign.models.forward_process import FlowProcess
-from mmalign.models.sd3 import MMDIT_LORA_TARGETS, SD3Embeds, flow_timestep
-from mmalign.models.stable_diffusion import decode_with_vae
+from mmalign.models.sd3 import FlowTransformerAdapter, SD3Embeds, flow_timestep
 
 __all__ = ["FluxAdapter"]
 
 
-class FluxAdapter(GeneratorAdapter):
+class FluxAdapter(FlowTransformerAdapter):
     """Prompts → T5 sequence + pooled CLIP embeddings, (latents, t) → velocity, latents → pixels, for Flux.
 
     ``max_sequence_length`` is the T5 length (the pipeline's default, 512). The latents are those of the
     pipeline's default resolution (``pipeline.default_sample_size``·VAE factor pixels; set it for others).
     """
 
-    denoiser_name = "transformer"
     frozen_names = ("vae", "text_encoder", "text_encoder_2")
-    lora_targets = MMDIT_LORA_TARGETS
-    lora_diffusers_keys = False
+    default_max_sequence_length = 512
 
     def __init__(self, pipeline, guidance_scale: float = 3.5, negative_prompt: str = "",
-                 max_sequence_length: int = 512) -> None:
-        super().__init__(pipeline, guidance_scale, negative_prompt)
-        self.max_sequence_length = max_sequence_length
+                 max_sequence_length: int | None = None) -> None:
+        super().__init__(pipeline, guidance_scale, negative_prompt, max_sequence_length)
 
     @property
     def guidance_embedded(self) -> bool:
@@ -101,9 +93,6 @@ class FluxAdapter(GeneratorAdapter):
         factor = self.pipeline.vae_scale_factor
         return pipe._unpack_latents(velocity, h * factor, w * factor, factor)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_with_vae(self.pipeline.vae, latents)
-
     @property
     def image_seq_len(self) -> int:
         """Packed image tokens at the default resolution (what dynamic shifting reads)."""
@@ -117,7 +106,3 @@ class FluxAdapter(GeneratorAdapter):
         sigmas = None if config.get("use_flow_sigmas") else np.linspace(1.0, 1 / num_steps, num_steps)
         mu = dynamic_shift_mu(config, self.image_seq_len)
         return FlowSDEPolicy(config, num_steps, eta, mu=mu, sigmas=sigmas)
-
-    @cached_property
-    def forward_process(self) -> FlowProcess:
-        return FlowProcess(self.scheduler_config.num_train_timesteps)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import ClassVar
 
 import torch
 
@@ -12,7 +13,7 @@ from mmalign.models.flow_sde import FlowSDEPolicy, dynamic_shift_mu
 from mmalign.models.forward_process import FlowProcess
 from mmalign.models.stable_diffusion import decode_with_vae
 
-__all__ = ["MMDIT_LORA_TARGETS", "SD3Adapter", "SD3Embeds", "flow_timestep"]
+__all__ = ["MMDIT_LORA_TARGETS", "FlowTransformerAdapter", "SD3Adapter", "SD3Embeds", "flow_timestep"]
 
 #: the attention projections of an MMDiT block, image stream and text (``add_*``) stream; in SD3.5 they also
 #: match the image-only second attention (``attn2``), in Flux the single-stream blocks' q/k/v
@@ -34,22 +35,39 @@ def flow_timestep(timestep: torch.Tensor | float, batch: int, device) -> torch.T
     return t.to(torch.promote_types(t.dtype, torch.float32)).reshape(-1).expand(batch)
 
 
-class SD3Adapter(GeneratorAdapter):
+class FlowTransformerAdapter(GeneratorAdapter):
+    """What the rectified-flow transformer families (SD3, Flux) share: the ``transformer`` denoiser with LoRA on
+    its attention projections (exported in peft keys, which their loaders read), the T5 sequence length, the flow
+    forward process and decoding with the VAE's shift and scale. ``max_sequence_length`` None is the family's
+    pipeline default."""
+
+    denoiser_name = "transformer"
+    lora_targets = MMDIT_LORA_TARGETS
+    lora_diffusers_keys = False
+    default_max_sequence_length: ClassVar[int]
+
+    def __init__(self, pipeline, guidance_scale: float = 5.0, negative_prompt: str = "",
+                 max_sequence_length: int | None = None) -> None:
+        super().__init__(pipeline, guidance_scale, negative_prompt)
+        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return decode_with_vae(self.pipeline.vae, latents)
+
+    @cached_property
+    def forward_process(self) -> FlowProcess:
+        return FlowProcess(self.scheduler_config.num_train_timesteps)
+
+
+class SD3Adapter(FlowTransformerAdapter):
     """Prompts → CLIP + CLIP + T5 embeddings, (latents, t) → guided velocity, latents → pixels, for an SD3 pipeline.
 
     ``max_sequence_length`` is the T5 length (the pipeline's default, 256); a pipeline without T5 (dropped to save
     memory, as SD3 allows) gets zeros in its place, as its own ``encode_prompt`` gives.
     """
 
-    denoiser_name = "transformer"
     frozen_names = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3")
-    lora_targets = MMDIT_LORA_TARGETS
-    lora_diffusers_keys = False
-
-    def __init__(self, pipeline, guidance_scale: float = 5.0, negative_prompt: str = "",
-                 max_sequence_length: int = 256) -> None:
-        super().__init__(pipeline, guidance_scale, negative_prompt)
-        self.max_sequence_length = max_sequence_length
+    default_max_sequence_length = 256
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> SD3Embeds:
@@ -75,9 +93,6 @@ class SD3Adapter(GeneratorAdapter):
                                                      "pooled_projections": embeds.uncond_pooled.to(dtype)}
         return self.guided(run, latents.to(dtype), t, cond, uncond)
 
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return decode_with_vae(self.pipeline.vae, latents)
-
     @property
     def image_seq_len(self) -> int:
         """Image tokens of the transformer at the default resolution (what dynamic shifting reads)."""
@@ -91,7 +106,3 @@ class SD3Adapter(GeneratorAdapter):
         config = self.scheduler_config
         mu = dynamic_shift_mu(config, self.image_seq_len) if config.get("use_dynamic_shifting") else None
         return FlowSDEPolicy(config, num_steps, eta, mu=mu)
-
-    @cached_property
-    def forward_process(self) -> FlowProcess:
-        return FlowProcess(self.scheduler_config.num_train_timesteps)

@@ -8,7 +8,8 @@ evaluated with one common sampler (deterministic DDIM, 10 steps, guidance 5, the
 so the methods' paired changes share one baseline. Then the table (markdown + JSON) and the curves PNG are written.
 
     OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 python benchmarks/world_trainer_comparison.py          # the grid, then the table
-    python benchmarks/world_trainer_comparison.py --table-only                                 # the table from what finished
+    python benchmarks/world_trainer_comparison.py --only prdp ddpo                             # some settings only
+    python benchmarks/world_trainer_comparison.py --table-only --earlier runs/comparison-earlier  # + earlier run folders
 """
 
 from __future__ import annotations
@@ -66,8 +67,15 @@ ALTERNATIVES = [
     Setting("prdp-lr3e-4", "PRDP", "shapes-prdp", ("learning_rate=3e-4",), 20, "lr ÷3"),
     Setting("grpo-lr3e-4", "GRPO", "shapes-grpo", ("learning_rate=3e-4",), 20, "lr ÷3"),
 ]
-# The order runs go in: the two shipped runs whose curves matter most, the screening, then the other shipped ones.
-GRID = [*SHIPPED[:2], *ALTERNATIVES, *SHIPPED[2:]]
+# PRDP's claim (stable on a large prompt set where DDPO degrades): the shipped recipes on 10,000 train prompts
+# (`prompts: {world: train, n: ...}` takes any n; 640 draws with replacement then rarely repeat a scene).
+ALL_PROMPTS = [
+    Setting("prdp-10k-prompts", "PRDP", "shapes-prdp", ("prompts.n=10000",), lever="10,000 train prompts"),
+    Setting("ddpo-10k-prompts", "DDPO", "shapes-ddpo", ("prompts.n=10000",), lever="10,000 train prompts"),
+]
+# The order runs go in: the two shipped runs whose curves matter most, the screening, the other shipped ones, the
+# prompt-set claim.
+GRID = [*SHIPPED[:2], *ALTERNATIVES, *SHIPPED[2:], *ALL_PROMPTS]
 
 
 def train(setting: Setting, root: Path) -> None:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from tqdm.auto import tqdm
 
 from mmalign.media import MediaBatch
 from mmalign.models.adapter import GeneratorAdapter, SamplingPolicy
-from mmalign.models.rollout import sample_trajectories
+from mmalign.models.rollout import sample_trajectories, trajectory_log_probs
 from mmalign.rewards import Reward
 
 __all__ = ["DEFAULT_SAMPLER", "GeneratorEval", "evaluate_generator", "load_generator", "load_run_pipeline", "mean_ci"]
@@ -75,10 +76,14 @@ def evaluate_generator(
     batch_size: int = 32,
     progress: bool = True,
     denoiser: torch.nn.Module | None = None,
+    reference: Callable[[], AbstractContextManager[torch.nn.Module]] | None = None,
 ) -> GeneratorEval:
     """Sample ``samples_per_prompt`` images per prompt with seeds fixed by position, score them with every reward.
 
-    ``denoiser`` replaces the pipeline's (e.g. the reference policy of a LoRA run).
+    ``denoiser`` replaces the pipeline's (e.g. the reference policy of a LoRA run). With ``reference`` (a context
+    giving π_ref's denoiser, e.g. the LoRA-disabled one) and a stochastic policy, the scores also hold
+    ``kl_to_reference``: each sample's ``Σ_t log π(x_{t−1}|x_t) − log π_ref(x_{t−1}|x_t)`` along its own
+    trajectory, whose mean estimates KL(π‖π_ref) of the sampling chains (in nats; the x-axis of over-optimisation).
 
     Batch ``k`` draws its noise from ``seed + k``: the same prompts and seed give the same images before and
     after training, so differences are the model's, not the noise's.
@@ -94,6 +99,11 @@ def evaluate_generator(
         )
         media = trajectory.media()
         batches.append(media)
+        if reference is not None and policy.stochastic:
+            with reference() as ref:
+                ref_log_probs = trajectory_log_probs(adapter, policy, ref, trajectory)
+            kl = (trajectory.log_probs - ref_log_probs).sum(1)
+            columns.setdefault("kl_to_reference", []).append(kl.float().cpu())
         for name, reward in rewards.items():
             out = reward(media)
             columns.setdefault(name, []).append(out.scores.float().cpu())

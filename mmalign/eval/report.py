@@ -84,7 +84,7 @@ def curves_figure(
     panels = eval_panels(eval_rows)
     if not keys and not panels:
         return None
-    widths = [2 if i == 0 else 1 for i in range(len(panels))]  # the rewards panel carries a legend
+    widths = [getattr(draw, "width", 1) for draw in panels]  # the reward panels carry a legend
     columns = max(len(keys), sum(widths))
     fig = plt.figure(figsize=(4 * columns, 3.2 * (bool(keys) + bool(panels))), layout="constrained")
     grid = fig.add_gridspec(bool(keys) + bool(panels), 1)
@@ -109,7 +109,8 @@ def curves_figure(
         for i, draw in enumerate(panels):
             ax = fig.add_subplot(bottom[0, i])
             draw(ax)
-            ax.set_xlabel(X_LABELS["step"])
+            if not ax.get_xlabel():
+                ax.set_xlabel(X_LABELS["step"])
             ax.grid(alpha=0.3)
     return fig
 
@@ -141,6 +142,8 @@ def eval_panels(rows: Sequence[Mapping[str, Any]]) -> list:
       standard deviation there, so the trained reward and gold share an axis and "gold turns while the trained
       reward climbs" shows as lines parting; the legend gives each reward's raw first → last mean, and a dotted
       line marks the step where gold peaked (or the first eval reward beside the trained one, without gold);
+    - the same against ``eval/kl_to_reference`` (KL to π_ref in nats), when logged: Gao et al.'s
+      over-optimisation plot for a training run (gold against KL, beside the trained reward);
     - ``eval/distance_to_reference`` (pixel RMS from π_ref's samples of the same seeds);
     - ``eval/diversity/vendi``, when logged.
     """
@@ -153,7 +156,7 @@ def eval_panels(rows: Sequence[Mapping[str, Any]]) -> list:
     def values(key: str) -> list[float]:
         return [float(r.get(key, float("nan"))) for r in rows]
 
-    def rewards(ax) -> None:
+    def rewards(ax, xs: list[float] = steps, xlabel: str | None = None) -> None:
         marked = next((n for n in names if n == GOLD), next((n for n in names if n != "reward"), None))
         others = iter(f"C{i}" for i in (1, 2, 4, 5, 6, 7, 8, 9) * len(names))
         for name in names:
@@ -168,17 +171,24 @@ def eval_panels(rows: Sequence[Mapping[str, Any]]) -> list:
                 style = {"lw": 2.0, "color": "C3"}
             else:
                 style = {"lw": 1.2, "alpha": 0.8, "color": next(others)}
-            ax.plot(steps, [(v - base) / scale for v in raw], "o-", ms=3.5, label=label, **style)
+            ax.plot(xs, [(v - base) / scale for v in raw], "o-", ms=3.5, label=label, **style)
         if marked is not None:
             raw = values(f"eval/{marked}")
-            finite = [(v, s) for v, s in zip(raw, steps) if v == v]
+            finite = [(v, x) for v, x in zip(raw, xs) if v == v]
             if finite:
                 best, peak = max(finite, key=lambda pair: pair[0])
-                ax.axvline(peak, color="C3", ls=":", lw=1.2, label=f"{marked} peak: step {peak} ({best:.3g})")
+                where = f"step {peak}" if xlabel is None else f"{peak:.3g} nats"
+                ax.axvline(peak, color="C3", ls=":", lw=1.2, label=f"{marked} peak: {where} ({best:.3g})")
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_title("held-out eval: trained reward vs gold" if marked == GOLD else "held-out eval: rewards")
         ax.set_ylabel("change from base (base per-sample SDs)")
+        if xlabel is not None:
+            ax.set_xlabel(xlabel)
         ax.legend(fontsize="small", loc="best")
+
+    def against_kl(ax) -> None:
+        rewards(ax, values("eval/kl_to_reference"), "KL(π‖π_ref) of the sampling chains (nats)")
+        ax.set_title(ax.get_title() + ", against KL")
 
     def single(key: str, title: str, ylabel: str):
         def draw(ax) -> None:
@@ -188,7 +198,10 @@ def eval_panels(rows: Sequence[Mapping[str, Any]]) -> list:
 
         return draw
 
+    rewards.width = against_kl.width = 2
     panels = [rewards]
+    if any(_number(r.get("eval/kl_to_reference")) == _number(r.get("eval/kl_to_reference")) for r in rows):
+        panels.append(against_kl)
     if any("eval/distance_to_reference" in r for r in rows):
         panels.append(single("eval/distance_to_reference", "held-out: distance to reference", "pixel RMS vs π_ref"))
     if any("eval/diversity/vendi" in r for r in rows):

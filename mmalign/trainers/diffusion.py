@@ -337,9 +337,10 @@ class DiffusionLoop:
         The current policy (the EMA weights when kept) samples the ``eval`` prompts with the same seeds every
         time; the row holds the mean (and ``/std``) of the trained reward (``eval/reward``) and of every eval
         reward (``eval/<name>``, components ``eval/<name>/<component>``), ``eval/distance_to_reference`` (the mean
-        per-sample pixel RMS difference from π_ref's samples of the same seeds, sampled once and cached) and the
-        per-prompt diversity metrics averaged over prompts (``eval/diversity/…``), with ``"eval": true``,
-        ``epoch`` (epochs trained, 0 = the base policy) and ``step``. Every draw comes from the evaluation's own
+        per-sample pixel RMS difference from π_ref's samples of the same seeds, sampled once and cached),
+        ``eval/kl_to_reference`` (KL(π‖π_ref) of the sampling chains in nats, estimated on the eval samples' own
+        trajectories, when the policy is stochastic) and the per-prompt diversity metrics averaged over prompts
+        (``eval/diversity/…``), with ``"eval": true``, ``epoch`` (epochs trained, 0 = the base policy) and ``step``. Every draw comes from the evaluation's own
         generators and the global RNG state is restored after, so training is the same with it on or off.
         """
         from mmalign.eval.generator import evaluate_generator
@@ -354,19 +355,22 @@ class DiffusionLoop:
             self._eval_rewards = {"reward": self.reward, **build_rewards(specs, self.run.device)}
             self._eval_reference: torch.Tensor | None = None
 
-        def sample(denoiser, rewards):
+        def reference():
+            return reference_policy(self.raw_denoiser, self.ref_copy)
+
+        def sample(denoiser, rewards, reference=None):
             return evaluate_generator(self.adapter, self.policy, self._eval_prompts, rewards, cfg.samples_per_prompt,
-                                      cfg.seed, progress=False, denoiser=denoiser)
+                                      cfg.seed, progress=False, denoiser=denoiser, reference=reference)
 
         devices = [self.run.device] if self.run.device.type == "cuda" else []
         was_training = self.denoiser.training
         self.denoiser.eval()
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
             if self._eval_reference is None:
-                with reference_policy(self.raw_denoiser, self.ref_copy) as ref:
+                with reference() as ref:
                     self._eval_reference = sample(ref, {}).batch.pixels.float()
             with self.ema_weights():
-                current = sample(self.raw_denoiser, self._eval_rewards)
+                current = sample(self.raw_denoiser, self._eval_rewards, reference)
             diversity = self._eval_diversity(current)
         self.denoiser.train(was_training)
         row: dict[str, Any] = {"eval": True, "epoch": epochs_done, "step": self.step}

@@ -61,6 +61,7 @@ def test_eval_rows_and_training_is_the_same_with_eval_on_or_off(tmp_path, tiny_s
             assert torch.isfinite(torch.tensor(float(row[key]))), (key, row[key])
     assert evals[0]["eval/distance_to_reference"] == 0.0  # the base policy is π_ref: the same samples
     assert evals[-1]["eval/distance_to_reference"] > 0.0
+    assert evals[0]["eval/kl_to_reference"] == 0.0 < evals[-1]["eval/kl_to_reference"]  # LoRA B = 0 at the start
     assert evals[-1]["eval/reward"] != evals[0]["eval/reward"]
     assert all(r["eval/diversity/color_entropy"] > 0 for r in evals)  # pixel metrics: no image tower here
     assert not any("eval/diversity/vendi" in r for r in evals)
@@ -130,6 +131,12 @@ def test_the_eval_panel_marks_where_gold_peaked(tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["reward", "loss", "held-out eval: trained reward vs gold", "held-out: distance to reference",
                       "held-out: diversity (Vendi)"]
+    with_kl = [{**row, "eval/kl_to_reference": 0.5 * e * e} for e, row in enumerate(eval_rows)]
+    kl_panel = curves_figure(train_rows, ["reward"], "epoch", with_kl).axes[2]
+    assert kl_panel.get_title() == "held-out eval: trained reward vs gold, against KL"
+    assert kl_panel.get_xlabel().startswith("KL") and list(kl_panel.get_lines()[1].get_xdata()) == [
+        0.5 * e * e for e in range(len(gold))]
+    assert "gold peak: 2 nats (0.76)" in [t.get_text() for t in kl_panel.get_legend().get_texts()]
     panel = fig.axes[2]
     legend = [t.get_text() for t in panel.get_legend().get_texts()]
     assert legend == ["reward (trained): 0.5 → 0.62", "gold: 0.7 → 0.62", "proxy: 0.6 → 0.66",
@@ -143,3 +150,44 @@ def test_the_eval_panel_marks_where_gold_peaked(tmp_path):
     assert path.is_file()
     assert plot_curves([], ["reward"], tmp_path / "only-eval.png", "epoch", eval_rows).is_file()
     assert plot_curves([], ["reward"], tmp_path / "none.png") is None
+
+
+def test_kl_to_reference_is_the_chains_log_ratio_under_both_gaussians(tiny_sd_factory):
+    """``evaluate_generator``'s per-sample KL against Σ_t log N(x_{t−1}; μ_θ, σ_t) − log N(x_{t−1}; μ_ref, σ_t) by
+    ``torch.distributions`` on the same seeds' trajectories, with the reference a different UNet."""
+    from contextlib import nullcontext
+
+    from mmalign.eval.generator import evaluate_generator
+    from mmalign.models.ddim import DDIMPolicy
+    from mmalign.models.rollout import sample_trajectories
+    from mmalign.models.stable_diffusion import StableDiffusionAdapter
+
+    pipe, reference = tiny_sd_factory(seed=0), tiny_sd_factory(seed=0).unet
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    adapter = StableDiffusionAdapter(pipe, 3.0)
+    policy = DDIMPolicy(pipe.scheduler.config, 4, 1.0)
+    prompts = [("a red circle", {}), ("a blue square", {})]
+    result = evaluate_generator(adapter, policy, prompts, {}, 2, seed=7, progress=False,
+                                reference=lambda: nullcontext(reference))
+    rows = [text for text, _ in prompts for _ in range(2)]
+    trajectory = sample_trajectories(adapter, policy, rows, None, torch.Generator().manual_seed(7))
+    expected = torch.zeros(len(rows), dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(policy.num_steps):
+            x, prev = trajectory.latents[:, t], trajectory.latents[:, t + 1]
+            timestep = trajectory.timesteps[t]
+            means = [policy.step(adapter.model_output(unet, x, timestep, trajectory.embeds), x, t, prev_sample=prev).mean
+                     for unet in (pipe.unet, reference)]
+            std = policy.stds[t]
+            for mean, sign in zip(means, (1, -1)):
+                normal = torch.distributions.Normal(mean.double(), std)
+                expected += sign * normal.log_prob(prev.double()).flatten(1).sum(1)
+    kl = result.scores["kl_to_reference"].double()
+    assert kl.shape == (4,) and bool((kl != 0).all())
+    torch.testing.assert_close(kl, expected, rtol=1e-4, atol=1e-3)
+    # a deterministic sampler has no chain densities: no KL column
+    deterministic = evaluate_generator(adapter, DDIMPolicy(pipe.scheduler.config, 4, 0.0), prompts, {}, 1,
+                                       progress=False, reference=lambda: nullcontext(reference))
+    assert "kl_to_reference" not in deterministic.scores

@@ -217,7 +217,8 @@ def markdown_table(rows: list[dict], base_gold: float) -> str:
 def plot_curves(rows: list[dict], path: Path) -> None:
     """Held-out gold and trained reward against samples seen, as the change from the run's own epoch-0 evaluation
     (the base under the run's sampler, so NFT's η = 0 and the others' η = 1 start at zero alike), one line per run
-    with a curve, 95% CI bands of the mean at each point (unpaired: the metrics keep means and stds); atomic."""
+    with a curve; the shipped runs' gold points carry the 95% CI of each mean (unpaired: the metrics keep means and
+    stds; drawn for those only, to stay readable); atomic."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -225,7 +226,7 @@ def plot_curves(rows: list[dict], path: Path) -> None:
 
     from mmalign.files import write_atomic
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
     colours = {}
     for r in rows:
         colour = colours.setdefault(r["method"], f"C{len(colours)}")
@@ -237,21 +238,23 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         for ax, key in zip(axes, ("gold", "reward")):
             ys = [p[key] - r["curve"][0][key] for p in r["curve"]]
             ax.plot(xs, ys, style, color=colour, marker="o", markersize=3, label=label)
-        if all(p["ci"] is not None for p in r["curve"]):
-            gold = [p["gold"] - r["curve"][0]["gold"] for p in r["curve"]]
-            axes[0].fill_between(xs, [g - p["ci"] for g, p in zip(gold, r["curve"])],
-                                 [g + p["ci"] for g, p in zip(gold, r["curve"])], color=colour, alpha=0.06)
+        if style == "-" and all(p["ci"] is not None for p in r["curve"]):
+            shift = 12 * (len(colours) - 1)  # points apart, so the bars of one x do not hide each other
+            axes[0].errorbar([x + shift for x in xs[1:]], [p["gold"] - r["curve"][0]["gold"] for p in r["curve"][1:]],
+                             yerr=[p["ci"] for p in r["curve"][1:]], fmt="none", ecolor=colour, alpha=0.5,
+                             capsize=2, linewidth=0.8)
     axes[0].set(xlabel="training samples seen", ylabel="held-out gold − its epoch-0 value",
-                title="gold (never trained on); bands: 95% CI of each mean (16 prompts × 2)")
+                title="gold (never trained on); bars: 95% CI of each mean, 16 prompts × 2")
     axes[1].set(xlabel="training samples seen", ylabel="held-out preference_proxy − its epoch-0 value",
                 title="trained reward (cosine), same evaluations")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.axhline(0, color="k", linewidth=0.6)
-    axes[0].legend(fontsize=7, loc="upper left")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle("Shapes world: held-out evaluation during training, each run's own sampler, fixed prompts and seeds",
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 

@@ -232,7 +232,8 @@ def plot_curves(rows: list[dict], path: Path) -> None:
         colour = colours.setdefault(r["method"], f"C{len(colours)}")
         if not r["curve"] or r["curve"][0]["samples"] != 0:
             continue
-        style = ":" if r["source"] != "this grid" else "-" if r["lever"] == "shipped" else "--"
+        style = (":" if r["source"] != "this grid" else "-" if r["lever"] == "shipped"
+                 else "-." if "prompts" in r["lever"] else "--")
         label = f"{r['method']} ({r['lever']}{', ' + r['source'] if r['source'] != 'this grid' else ''})"
         xs = [p["samples"] for p in r["curve"]]
         for ax, key in zip(axes, ("gold", "reward")):

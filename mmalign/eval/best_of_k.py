@@ -7,9 +7,9 @@ Scores are ``(prompts, samples)`` tables: one row per prompt.
 
 from __future__ import annotations
 
-import math
-
 import torch
+
+from mmalign.eval.overoptimization import kl_best_of_n
 
 __all__ = ["best_of_k", "best_of_k_table", "variance_components", "within_prompt_agreement"]
 
@@ -50,7 +50,7 @@ def best_of_k_table(scores: dict[str, torch.Tensor], gold: torch.Tensor) -> dict
     cost of each k, and each reward's within-prompt agreement with gold."""
     ks = [k for k in (2**i for i in range(1, 8)) if k <= gold.shape[1]]
     table: dict = {"prompts": gold.shape[0], "samples": gold.shape[1], "gold_mean": float(gold.mean()),
-                   "kl_nats": {k: round(math.log(k) - (k - 1) / k, 3) for k in ks}, "best_of_k": {}}
+                   "kl_nats": {k: round(kl_best_of_n(k), 3) for k in ks}, "best_of_k": {}}
     for name, values in {"gold": gold, **scores}.items():
         table["best_of_k"][name] = {k: round(best_of_k(values, gold, k), 4) for k in ks}
         if name != "gold":

@@ -30,7 +30,6 @@ from mmalign.models.rollout import denoise_in_one_step, sample_with_grad
 from mmalign.models.trajectory import Trajectory
 from mmalign.rewards.registry import RewardSpecs, resolve
 from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
-from mmalign.trainers.lora import reference_policy
 
 __all__ = ["BackpropConfig", "BackpropTrainer", "refuse_non_differentiable"]
 
@@ -167,7 +166,7 @@ class BackpropTrainer(DiffusionTrainer):
 
         def penalty(index_or_t, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             timestep = index_or_t if isinstance(index_or_t, torch.Tensor) else loop.policy.timesteps[index_or_t]
-            with torch.no_grad(), reference_policy(loop.raw_denoiser, loop.ref_copy) as ref:
+            with torch.no_grad(), loop.reference() as ref:
                 target = loop.adapter.model_output(ref, x.detach(), timestep, part.embeds)
             return (out.float() - target.float()).pow(2).mean()
 

@@ -31,7 +31,6 @@ from mmalign.rewards.direction import (
     save_correction,
 )
 from mmalign.trainers.backprop import BackpropConfig, BackpropTrainer
-from mmalign.trainers.lora import reference_policy
 
 __all__ = ["CORRECTION_FILE", "D2AlignConfig", "D2AlignTrainer"]
 
@@ -129,7 +128,7 @@ class D2AlignTrainer(BackpropTrainer):
                 text, meta = loop.prompts[index]
                 prompts += [text] * cfg.samples_per_prompt
                 metadata += [dict(meta) for _ in range(cfg.samples_per_prompt)]
-            with acc.autocast(), reference_policy(loop.raw_denoiser, loop.ref_copy) as base:
+            with acc.autocast(), loop.reference() as base:
                 trajectory = sample_trajectories(loop.adapter, loop.policy, prompts, metadata, generator, denoiser=base)
             media = trajectory.media()
             image = frame_embeddings(backbone, media)

@@ -215,6 +215,10 @@ class DiffusionLoop:
     def raw_denoiser(self) -> torch.nn.Module:
         return self.accelerator.unwrap_model(self.denoiser)
 
+    def reference(self):
+        """π_ref as a context giving its denoiser: the LoRA-disabled one, or the frozen copy of a full fine-tune."""
+        return reference_policy(self.raw_denoiser, self.ref_copy)
+
     def resume(self) -> None:
         """Continue from the run folder's latest checkpoint: weights, optimiser, scaler, EMA, algorithm state."""
         checkpoint = self.run.resume(trainable_state(self.raw_denoiser), self.optimizer)
@@ -274,7 +278,7 @@ class DiffusionLoop:
                     denoiser=self.raw_denoiser, group_size=cfg.samples_per_prompt if cfg.shared_initial_noise else 1,
                 )
             if self.needs_reference:
-                with reference_policy(self.raw_denoiser, self.ref_copy) as ref:
+                with self.reference() as ref:
                     trajectory.ref_log_probs = trajectory_log_probs(self.adapter, self.policy, ref, trajectory)
             if self.needs_log_probs and epoch == self.start_epoch:  # re-scoring must give what sampling produced
                 assert_ratio_is_one(trajectory_log_probs(self.adapter, self.policy, self.denoiser, trajectory),
@@ -340,8 +344,9 @@ class DiffusionLoop:
         per-sample pixel RMS difference from π_ref's samples of the same seeds, sampled once and cached),
         ``eval/kl_to_reference`` (KL(π‖π_ref) of the sampling chains in nats, estimated on the eval samples' own
         trajectories, when the policy is stochastic) and the per-prompt diversity metrics averaged over prompts
-        (``eval/diversity/…``), with ``"eval": true``, ``epoch`` (epochs trained, 0 = the base policy) and ``step``. Every draw comes from the evaluation's own
-        generators and the global RNG state is restored after, so training is the same with it on or off.
+        (``eval/diversity/…``), with ``"eval": true``, ``epoch`` (epochs trained, 0 = the base policy) and
+        ``step``. Every draw comes from the evaluation's own generators and the global RNG state is restored
+        after, so training is the same with it on or off.
         """
         from mmalign.eval.generator import evaluate_generator
 
@@ -355,9 +360,6 @@ class DiffusionLoop:
             self._eval_rewards = {"reward": self.reward, **build_rewards(specs, self.run.device)}
             self._eval_reference: torch.Tensor | None = None
 
-        def reference():
-            return reference_policy(self.raw_denoiser, self.ref_copy)
-
         def sample(denoiser, rewards, reference=None):
             return evaluate_generator(self.adapter, self.policy, self._eval_prompts, rewards, cfg.samples_per_prompt,
                                       cfg.seed, progress=False, denoiser=denoiser, reference=reference)
@@ -367,10 +369,10 @@ class DiffusionLoop:
         self.denoiser.eval()
         with torch.random.fork_rng(devices=devices), torch.no_grad(), self.accelerator.autocast():
             if self._eval_reference is None:
-                with reference() as ref:
+                with self.reference() as ref:
                     self._eval_reference = sample(ref, {}).batch.pixels.float()
             with self.ema_weights():
-                current = sample(self.raw_denoiser, self._eval_rewards, reference)
+                current = sample(self.raw_denoiser, self._eval_rewards, self.reference)
             diversity = self._eval_diversity(current)
         self.denoiser.train(was_training)
         row: dict[str, Any] = {"eval": True, "epoch": epochs_done, "step": self.step}
@@ -444,7 +446,7 @@ class DiffusionLoop:
         runs = {}
         for tag in ("before", "after"):
             with torch.no_grad(), self.accelerator.autocast(), self.ema_weights():
-                context = reference_policy(self.raw_denoiser, self.ref_copy) if tag == "before" else nullcontext(self.raw_denoiser)
+                context = self.reference() if tag == "before" else nullcontext(self.raw_denoiser)
                 with context as denoiser:
                     runs[tag] = evaluate_generator(
                         self.adapter, self.policy, prompts, rewards, cfg.report.samples_per_prompt, cfg.report.seed,

@@ -20,7 +20,6 @@ from pydantic import Field
 from mmalign.models.ddim import StepOutput
 from mmalign.models.trajectory import Trajectory
 from mmalign.trainers.diffusion import DiffusionTrainer
-from mmalign.trainers.lora import reference_policy
 from mmalign.trainers.ppo import PPOConfig, ppo_update
 
 __all__ = ["GRPOConfig", "GRPOTrainer", "group_advantages"]
@@ -73,7 +72,7 @@ class GRPOTrainer(DiffusionTrainer):
         loop = self.loop
         chosen = part.select(rows)
         x = chosen.latents[:, index]
-        with torch.no_grad(), reference_policy(loop.raw_denoiser, loop.ref_copy) as ref:
+        with torch.no_grad(), loop.reference() as ref:
             out = loop.adapter.model_output(ref, x, chosen.timesteps[index], chosen.embeds)
             ref_mean = loop.policy.step(out, x, index, prev_sample=chosen.latents[:, index + 1]).mean
         return self.config.beta * (step.mean - ref_mean).pow(2).flatten(1).sum(1) / (2 * step.std**2)

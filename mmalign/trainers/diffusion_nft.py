@@ -43,7 +43,7 @@ from mmalign.models.adapter import GeneratorAdapter
 from mmalign.models.trajectory import Trajectory
 from mmalign.trainers.diffusion import DiffusionConfig, DiffusionTrainer
 from mmalign.trainers.diffusion_grpo import group_advantages
-from mmalign.trainers.lora import reference_policy, trainable_state
+from mmalign.trainers.lora import trainable_state
 
 __all__ = ["NFTConfig", "NFTTrainer", "OldPolicy", "conditional_output", "optimality_probability"]
 
@@ -205,7 +205,7 @@ class NFTTrainer(DiffusionTrainer):
             out = adapter.model_output(loop.denoiser, x_t, t, part.embeds).float()
             penalty = torch.zeros(len(part), device=out.device)
             if cfg.reference_weight > 0:
-                with torch.no_grad(), reference_policy(loop.raw_denoiser, loop.ref_copy) as ref:
+                with torch.no_grad(), loop.reference() as ref:
                     out_ref = adapter.model_output(ref, x_t, t, part.embeds).float()
                 penalty = (out - out_ref).pow(2).flatten(1).mean(1)
 

@@ -6,6 +6,9 @@ preprocessing transform, the prompt re-encoded every time. mmalign's rewards bat
 cache text embeddings. For the VLM judge the naive loop is what the VQAScore package does: one (image, prompt)
 pair per teacher-forced forward through the processor, logits over the whole sequence. Both paths run on the
 same images, prompts and model, so the ratio is what a user gains.
+
+``vqascore_forward`` times the judge model's forward alone on rows already encoded, a batch in one forward
+against one row per forward: the model's own gain from batching, which bounds what any batched judge gains.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 from mmalign.media import MediaBatch
 from mmalign.rewards import build
 
-__all__ = ["BENCHED", "BenchRow", "bench_rewards", "format_rows", "naive_clip_loop", "naive_vqascore_loop"]
+__all__ = ["BENCHED", "BenchRow", "bench_rewards", "format_rows", "judge_forward_loops", "naive_clip_loop",
+           "naive_vqascore_loop"]
 
 #: The rewards ``bench_rewards`` can time (``vqascore`` only with a judge).
 BENCHED = ("clip", "goal_baseline", "vqascore")
@@ -86,6 +90,30 @@ def naive_vqascore_loop(reward) -> Callable[[MediaBatch], torch.Tensor]:
     return run
 
 
+def judge_forward_loops(reward, batch: MediaBatch) -> tuple[Callable[[], object], Callable[[], object]]:
+    """``(batched, one_at_a_time)``: the judge model's forward on ``batch``'s rows encoded in advance, all rows
+    in one forward or one row per forward (the answer positions' logits only, as the judge keeps them)."""
+    contexts = [reward.context(reward.template.format(prompt=p)) for p in batch.prompts]
+    targets = reward.processor.tokenizer([reward.answer] * len(batch), add_special_tokens=False)["input_ids"]
+    pixels = reward.media(batch)
+    keep = len(targets[0]) + 1
+
+    def encoded(rows: slice) -> dict:
+        return reward.encode(pixels[rows], contexts[rows], targets[rows])[0]
+
+    whole, singles = encoded(slice(None)), [encoded(slice(i, i + 1)) for i in range(len(batch))]
+    return (lambda: reward.model(**whole, logits_to_keep=keep),
+            lambda: [reward.model(**single, logits_to_keep=keep) for single in singles])
+
+
+def _calls_per_s(fn: Callable[[], object], calls: int, repeats: int) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return repeats * calls / (time.perf_counter() - start)
+
+
 def _images_per_s(fn: Callable[[MediaBatch], object], batches: Sequence[MediaBatch], repeats: int) -> float:
     fn(batches[0])  # warm-up: lazy initialisation and the text cache's first fill are not throughput
     start = time.perf_counter()
@@ -134,13 +162,17 @@ def bench_rewards(
             for size in batch_sizes:
                 batches = [full[i : i + size] for i in range(0, n_images, size)]
                 rows.append(BenchRow("vqascore", size, _images_per_s(vqascore, batches, repeats), naive_rate))
+            for size in batch_sizes:
+                batched, one_at_a_time = judge_forward_loops(vqascore, full[:size])
+                rows.append(BenchRow("vqascore_forward", size, _calls_per_s(batched, size, repeats),
+                                     _calls_per_s(one_at_a_time, size, repeats)))
     return rows
 
 
 def format_rows(rows: Sequence[BenchRow]) -> str:
-    lines = [f"{'reward':<14} {'batch':>5} {'images/s':>10} {'naive/s':>10} {'speedup':>8}", "-" * 51]
+    lines = [f"{'reward':<16} {'batch':>5} {'images/s':>10} {'naive/s':>10} {'speedup':>8}", "-" * 53]
     lines += [
-        f"{r.reward:<14} {r.batch_size:>5} {r.images_per_s:>10.1f} {r.naive_images_per_s:>10.1f} {r.speedup:>7.1f}x"
+        f"{r.reward:<16} {r.batch_size:>5} {r.images_per_s:>10.1f} {r.naive_images_per_s:>10.1f} {r.speedup:>7.1f}x"
         for r in rows
     ]
     return "\n".join(lines)

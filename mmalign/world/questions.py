@@ -69,6 +69,8 @@ IMAGE_SIZE = 32
 JUDGE_TEMPLATE = "Does this image show {}?"
 #: Grounding answers count as right from this IoU with the gold box on.
 IOU_THRESHOLD = 0.5
+#: ``question_set(balanced=True)`` draws this many times the questions asked for and takes answers in turn.
+_BALANCE_POOL = 4
 _RELATION_GAP = 0.2  # centres this far apart along an axis: jitter (at most 2 x MAX_SHIFT) cannot flip it
 _PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
 _OPPOSITE = {"to the left of": "to the right of", "to the right of": "to the left of", "above": "below",
@@ -317,14 +319,21 @@ def make_questions(scene: Scene, rng: int | np.random.Generator | None = None) -
 
 
 def question_set(
-    n: int, split: str = "train", seed: int = 0, kinds: tuple[str, ...] = KINDS
+    n: int, split: str = "train", seed: int = 0, kinds: tuple[str, ...] = KINDS, balanced: bool = False
 ) -> list[Question]:
     """``n`` questions about scenes of ``split``, kinds taken in turn, yes and no alternating within each
-    yes/no kind; the same for the same seed."""
+    yes/no kind; the same for the same seed.
+
+    ``balanced`` takes each kind's gold answers in turn as well (count "0", "1", "2", "3", …; grounding boxes
+    are not classes and keep their order), from a draw of ``_BALANCE_POOL`` times as many questions: in the
+    natural draw half the count answers are "1", so a policy that always answers "1" is rewarded half the time.
+    """
     if not isinstance(n, int) or n < 0:
         raise ValueError(f"n: expected a non-negative int, got {n!r}")
     if not kinds or set(kinds) - set(_ASK):
         raise ValueError(f"kinds: expected a non-empty subset of {(*KINDS, CAPTION)}, got {kinds!r}")
+    if balanced:
+        return _answers_in_turn(question_set(_BALANCE_POOL * n, split, seed, kinds), n, kinds)
     rng = np.random.default_rng([seed, 11])
     pool = 2 * n + 16
     scenes = sample_scenes(pool, split, seed)  # a longer draw with the same seed extends this one
@@ -342,6 +351,25 @@ def question_set(
             out.append(question)
             asked[kind] += 1
     return out
+
+
+def _round_robin(groups: list[list[Question]]):
+    """The groups' first items, then their second items, …; a group that runs out drops out."""
+    for rank in range(max(map(len, groups), default=0)):
+        yield from (group[rank] for group in groups if rank < len(group))
+
+
+def _answers_in_turn(pool: list[Question], n: int, kinds: tuple[str, ...]) -> list[Question]:
+    """``n`` questions of ``pool``, kinds in turn as ``question_set`` takes them, and within each categorical
+    kind its answers in turn (in the order they first appear)."""
+    per_kind = {}
+    for kind in kinds:
+        by_answer: dict[str, list[Question]] = {}
+        for q in pool:
+            if q.kind == kind:
+                by_answer.setdefault("box" if q.box is not None else q.answer, []).append(q)
+        per_kind[kind] = _round_robin(list(by_answer.values()))
+    return [next(per_kind[kinds[i % len(kinds)]]) for i in range(n)]
 
 
 def score(question: Question, completion: str) -> float:

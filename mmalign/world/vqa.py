@@ -38,6 +38,7 @@ def world_vqa_rows(
     size: int | None = None,
     frames: int | None = None,
     instruction: str | None = None,
+    balanced: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows of ``world_vqa_dataset`` as plain dicts (see there)."""
     size = IMAGE_SIZE if size is None else size
@@ -51,7 +52,7 @@ def world_vqa_rows(
     unknown = [k for k in kinds if k not in KINDS]
     if unknown or not kinds:
         raise ValueError(f"kinds: expected a non-empty subset of {KINDS}, got {list(kinds)!r}")
-    questions = question_set(n, split, seed, kinds=kinds)
+    questions = question_set(n, split, seed, kinds=kinds, balanced=balanced)
     rng = np.random.default_rng([seed, 8])
     scale = size / IMAGE_SIZE
     rows = []
@@ -83,6 +84,7 @@ def world_vqa_dataset(
     size: int | None = None,
     frames: int | None = None,
     instruction: str | None = None,
+    balanced: bool = False,
 ):
     """A ``datasets.Dataset`` of ``n`` world questions of ``split`` (kinds taken in turn; see ``question_set``).
 
@@ -91,7 +93,8 @@ def world_vqa_dataset(
         size: render side in pixels (default the world's 32); boxes and box answers are scaled to it.
         frames: render each scene ``frames`` times into a ``video`` column instead of an ``image``.
         instruction: text appended to each question (e.g. the answer format a real model should use).
+        balanced: each kind's gold answers taken in turn (see ``question_set``).
     """
     from datasets import Dataset
 
-    return Dataset.from_list(world_vqa_rows(n, split, seed, kinds, jitter, size, frames, instruction))
+    return Dataset.from_list(world_vqa_rows(n, split, seed, kinds, jitter, size, frames, instruction, balanced))

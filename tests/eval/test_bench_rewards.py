@@ -41,6 +41,26 @@ def test_naive_vqascore_loop_scores_what_the_judge_scores():
     torch.testing.assert_close(reward(batch).scores, naive_vqascore_loop(reward)(batch), rtol=1e-4, atol=1e-7)
 
 
+def test_judge_forward_loops_give_the_judges_answer_logits():
+    """The forward-only rows time the same computation batched and one row at a time (left padding: the
+    answer positions are the last ones in every row)."""
+    import torch
+
+    from mmalign.eval.bench_rewards import judge_forward_loops
+    from mmalign.rewards import build
+    from mmalign.world.vlm import vlm_path
+
+    reward = build({"name": "vqascore", "model": vlm_path()})
+    batch = MediaBatch(torch.rand(3, 3, 32, 32), ["a red circle", "x", "two blue squares above"])
+    batched, one_at_a_time = judge_forward_loops(reward, batch)
+    with torch.no_grad():
+        whole, singles = batched().logits, [out.logits for out in one_at_a_time()]
+        answer = torch.tensor(reward.processor.tokenizer(reward.answer, add_special_tokens=False)["input_ids"])
+        p_yes = whole[:, :-1].log_softmax(-1).gather(-1, answer.expand(3, -1)[..., None])
+    torch.testing.assert_close(whole, torch.cat(singles), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(p_yes.mean((1, 2)).exp(), reward(batch).scores, rtol=1e-4, atol=1e-7)
+
+
 def test_bench_picks_the_rewards_named(tiny_open_clip_dir):
     import pytest
 
@@ -48,7 +68,8 @@ def test_bench_picks_the_rewards_named(tiny_open_clip_dir):
 
     rows = bench_rewards(tiny_open_clip_dir, batch_sizes=(2,), n_images=4, image_size=32, judge=vlm_path(),
                          rewards=("vqascore",))
-    assert [(r.reward, r.batch_size) for r in rows] == [("vqascore", 2)] and rows[0].speedup > 0
+    assert [(r.reward, r.batch_size) for r in rows] == [("vqascore", 2), ("vqascore_forward", 2)]
+    assert all(r.speedup > 0 for r in rows)
     assert [r.reward for r in bench_rewards(tiny_open_clip_dir, (2,), 4, 32, rewards=("goal_baseline", "vqascore"))] == ["goal_baseline"]
     with pytest.raises(ValueError, match="rewards: expected names among"):
         bench_rewards(tiny_open_clip_dir, rewards=("clip", "hps"))

@@ -119,8 +119,9 @@ def test_kind_changes_call_a_kind_rose_or_fell_only_when_its_paired_interval_exc
     kinds = ["shape"] * 6 + ["count"] * 6 + ["colour"] * 6
     before = [0, 0, 0, 0, 0, 1] + [1, 1, 1, 1, 1, 0] + [0, 1, 0, 1, 0, 1]
     after = [1, 1, 1, 1, 1, 1] + [0, 0, 0, 0, 1, 0] + [1, 0, 0, 1, 0, 1]
-    columns = lambda values: {"acc": values, **{f"acc/{k}": [v if kk == k else nan for v, kk in zip(values, kinds)]
-                                                for k in ("shape", "count", "colour")}}
+    def columns(values):
+        return {"acc": values, **{f"acc/{k}": [v if kk == k else nan for v, kk in zip(values, kinds)]
+                                                    for k in ("shape", "count", "colour")}}
     out = kind_changes(_eval(columns(before)), _eval(columns(after)), "acc", ["shape", "count", "colour"])
 
     def reference(index):  # mean ± 1.96 · sample std / sqrt(n) of the per-question differences
@@ -175,6 +176,16 @@ def test_training_rows_that_are_report_rows_are_dropped(tmp_path):
     assert len(other._without_report_rows(load_rows(other.config.data))) == 16 and other.dropped_as_report == 0
     with pytest.raises(ValueError, match="data: every training row is also a report row"):
         runner._without_report_rows(rows[:6])
+
+
+def test_balanced_world_rows_follow_the_balanced_question_set():
+    from mmalign.world.questions import question_set
+
+    source = DataSource(world={"split": "heldout", "n": 28, "seed": 3, "balanced": True})
+    rows = load_rows(source)
+    assert [r["question"] for r in rows] == [q.text for q in question_set(28, "heldout", 3, balanced=True)]
+    assert [r["answer"] for r in rows if r["kind"] == "count"] != [
+        r["answer"] for r in load_rows(DataSource(world={"split": "heldout", "n": 28, "seed": 3})) if r["kind"] == "count"]
 
 
 def test_hub_rows_come_from_datasets(tmp_path):

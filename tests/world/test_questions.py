@@ -4,6 +4,7 @@ held-out hygiene and scoring."""
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import replace
 
 import pytest
@@ -144,6 +145,21 @@ def test_question_sets_are_balanced_and_seeded():
     assert question_set(14 * 10, "train", seed=1) == qs
     assert question_set(14, "train", seed=2) != qs[:14]
     assert len(question_set(5, "heldout", kinds=("grounding",))) == 5
+
+
+def test_balanced_question_sets_take_each_kinds_answers_in_turn():
+    natural = question_set(7 * 120, "heldout", seed=0)
+    balanced = question_set(7 * 120, "heldout", seed=0, balanced=True)
+    assert [q.kind for q in balanced] == [q.kind for q in natural]
+    counts = Counter(q.answer for q in natural if q.kind == "count")
+    assert max(counts.values()) > 2 * min(counts.values())  # "1" about half the time: what balancing undoes
+    for kind in ("colour", "shape", "count", "position", "relation", "yesno"):
+        answers = Counter(q.answer for q in balanced if q.kind == kind)
+        assert max(answers.values()) - min(answers.values()) <= 1, (kind, answers)
+    pool = question_set(4 * 7 * 120, "heldout", seed=0)
+    assert all(q in pool for q in balanced)  # drawn from the natural questions, none made up
+    assert len({q.scene for q in balanced if q.kind == "grounding"}) == 120
+    assert question_set(7 * 120, "heldout", seed=0, balanced=True) == balanced
 
 
 def test_heldout_pairs_never_give_the_answer_away():

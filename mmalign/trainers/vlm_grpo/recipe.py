@@ -59,6 +59,7 @@ class WorldVQASource(StrictModel):
     jitter: float = Field(0.0, ge=0, le=1, description="render jitter of the images")
     size: int | None = Field(None, ge=8, description="render side in pixels (default 32)")
     frames: int | None = Field(None, ge=1, description="render each scene this many times into a video")
+    balanced: bool = Field(False, description="each kind's gold answers in turn (no constant answer pays)")
 
 
 class HubVQASource(StrictModel):
@@ -199,7 +200,7 @@ def load_rows(source: DataSource, seed: int = 0) -> list[dict[str, Any]]:
     if source.world is not None:
         w = source.world
         rows = import_object(_WORLD_ROWS)
-        return rows(w.n, w.split, w.seed, w.kinds, w.jitter, w.size, w.frames, source.instruction)
+        return rows(w.n, w.split, w.seed, w.kinds, w.jitter, w.size, w.frames, source.instruction, w.balanced)
     from datasets import load_dataset
 
     hub = source.hub

@@ -312,6 +312,26 @@ def _cmd_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mmalign.demos import require_gradio
+
+    try:
+        require_gradio()
+    except ImportError as err:
+        raise ValueError(str(err)) from None
+    from mmalign.demos.app import build_demo
+    from mmalign.demos.launch import LaunchSettings, Limits, allowed_folders, launch
+
+    limits = Limits(args.max_upload_mb, args.max_image_side, args.max_images)
+    settings = LaunchSettings(args.host, args.port, args.share, args.concurrency, args.max_queue,
+                              allowed_folders(args.allow_dir or []), limits)
+    demo = build_demo(args.name, args.pipeline, args.run or [], [_parse_reward(r) for r in args.reward or []],
+                      args.device, limits, settings.allowed_dirs, args.steps, args.guidance_scale,
+                      args.max_iterations)
+    launch(demo, settings)
+    return 0
+
+
 def _split_recipe_and_overrides(items: Sequence[str]) -> tuple[str | None, list[str]]:
     if items and "=" not in items[0]:
         return items[0], list(items[1:])
@@ -478,6 +498,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     attention_bench_module.add_arguments(attention_bench)
     attention_bench.set_defaults(func=attention_bench_module.run)
+
+    from mmalign.demos import DEMOS
+
+    demo = sub.add_parser(
+        "demo", help="gradio demos: rewards, ReNO live, a run beside its base (needs mmalign[demo])",
+        description="Launch a gradio demo on the embedded world (or the --pipeline, --run and --reward named): "
+        + "; ".join(f"{k}: {v}" for k, v in DEMOS.items()) + ". Bound to 127.0.0.1, uploads and image sizes "
+        "limited, files served only from --allow-dir folders, requests queued (docs/demos.md).",
+    )
+    demo.add_argument("name", choices=list(DEMOS), help="which demo")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    demo.add_argument("--port", type=positive_int, help="port (default: gradio's first free one from 7860)")
+    demo.add_argument("--share", action="store_true", help="also open a public gradio.live link (printed warning)")
+    demo.add_argument("--pipeline", default="world",
+                      help="'world', a hub id or a pipeline folder; 'none': the rewards demo scores uploads only")
+    demo.add_argument("--run", action="append", help="training run folder for compare; repeat for several")
+    demo.add_argument("--reward", action="append", help="reward name or JSON spec; repeat (default: the demo's)")
+    demo.add_argument("--steps", type=positive_int, help="sampler steps (default: the pipeline's evaluation "
+                      "setting; ReNO: 4)")
+    demo.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale")
+    demo.add_argument("--max-iterations", type=positive_int, default=50, help="ReNO: most reward calls per run")
+    demo.add_argument("--allow-dir", action="append", help="a folder whose images the demo may read and serve; "
+                      "repeat (default: none)")
+    demo.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded file")
+    demo.add_argument("--max-image-side", type=positive_int, default=2048, help="largest image side in pixels")
+    demo.add_argument("--max-images", type=positive_int, default=16, help="most images per request")
+    demo.add_argument("--concurrency", type=positive_int, default=2, help="requests run at once (the rest queue)")
+    demo.add_argument("--max-queue", type=positive_int, default=64, help="most requests waiting in the queue")
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(func=_cmd_demo)
 
     evaluate = sub.add_parser("eval", help="evaluate rewards and generators").add_subparsers(
         dest="what", metavar="WHAT", required=True

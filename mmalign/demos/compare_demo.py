@@ -162,14 +162,14 @@ def build_compare_demo(runs: Sequence[str | Path], device: str = "cpu", max_imag
         with gr.Row():
             with gr.Column():
                 base_label = gr.Markdown("**base**")
-                base = gr.Gallery(label="base", columns=2, height="auto", object_fit="contain", format="png")
+                base = gr.Gallery(label="base", show_label=False, columns=2, height=700, object_fit="contain", format="png")
             with gr.Column():
                 aligned_label = gr.Markdown("**aligned**")
-                aligned = gr.Gallery(label="aligned", columns=2, height="auto", object_fit="contain", format="png")
-        details = gr.JSON(label="scores")
+                aligned = gr.Gallery(label="aligned", show_label=False, columns=2, height=700, object_fit="contain", format="png")
+        curves = gr.Image(label="the run's curves.png", type="pil", format="png")
         with gr.Row():
-            curves = gr.Image(label="the run's curves.png", type="pil", format="png")
             table = gr.Dataframe(label="the run's report (summary.json)")
+            details = gr.JSON(label="scores")
         go.click(compare, [run, prompt, n, seed], [base, aligned, base_label, aligned_label, details, curves, table],
                  api_name="compare")
     return demo

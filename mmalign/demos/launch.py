@@ -108,9 +108,13 @@ def launch(blocks, settings: LaunchSettings, prevent_thread_lock: bool = False, 
     if settings.host not in LOCAL_HOSTS:
         print(f"warning: --host {settings.host}: the demo is reachable from other machines on the network",
               file=sys.stderr)
+    gr = require_gradio()
+    # system fonts: the default theme's Google Fonts would make every page load reach out to the internet
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
     blocks.queue(default_concurrency_limit=settings.concurrency, max_size=settings.max_queue)
     return blocks.launch(
         server_name=settings.host, server_port=settings.port, share=settings.share,
         max_file_size=settings.limits.max_upload_bytes, allowed_paths=list(settings.allowed_dirs),
-        prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False, ssr_mode=False,
+        prevent_thread_lock=prevent_thread_lock, quiet=quiet, show_error=False, ssr_mode=False, theme=theme,
     )

@@ -20,7 +20,7 @@ from mmalign.inference.reno import NoiseOptimization, optimize_noise
 from mmalign.rewards import Reward
 from mmalign.world.verify import GoldResult, verify
 
-__all__ = ["DEFAULT_REWARD", "Step", "build_reno_demo", "live_reno"]
+__all__ = ["DEFAULT_REWARD", "Step", "build_reno_demo", "curve_figure", "live_reno"]
 
 #: what ReNO optimises unless ``--reward`` says otherwise: the world's preference proxy (its cosine), the reward
 #: the embedded trainers use, hackable enough that the gold curve beside it is worth watching
@@ -84,6 +84,21 @@ def live_reno(sampler: Sampler, reward: Reward, prompt: str, seed: int = 0, iter
         stop.set()
 
 
+def curve_figure(trace: dict[str, list[float]], title: str = ""):
+    """The curves so far (``{series: values per iteration}``) as a matplotlib figure, legend inside."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6, 4), dpi=100, layout="constrained")
+    axes = figure.add_subplot()
+    for series, values in trace.items():
+        if values:
+            axes.plot(range(len(values)), values, marker="o", markersize=3, label=series)
+    axes.set(xlabel="iteration", ylabel="value", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right")
+    return figure
+
+
 def _picture(step: Step):
     scale = display_scale(*step.pixels.shape[-2:])
     return draw_verdict(step.pixels, step.verdict, scale) if step.verdict is not None else to_pil(step.pixels, scale)
@@ -92,8 +107,6 @@ def _picture(step: Step):
 def build_reno_demo(sampler: Sampler, reward: Reward, max_iterations: int = 50, num_steps: int = 4,
                     example: str = "a green box to the right of a purple triangle"):
     """The demo as a ``gr.Blocks``: ``reward`` is optimised, at most ``max_iterations`` reward calls a run."""
-    import pandas as pd
-
     gr = require_gradio()
 
     @user_errors
@@ -101,13 +114,13 @@ def build_reno_demo(sampler: Sampler, reward: Reward, max_iterations: int = 50, 
         count = int(iterations)
         if not 1 <= count <= max_iterations:
             raise ValueError(f"iterations: expected 1 to {max_iterations}, got {iterations!r}")
-        rows: list[dict] = []
+        trace: dict[str, list[float]] = {reward.name: [], "best so far": [], "gold": []}
         for step in live_reno(sampler, reward, prompt, int(seed), count, num_steps):
             if step.result is None:
-                rows += [{"iteration": step.iteration, "value": step.reward, "series": reward.name},
-                         {"iteration": step.iteration, "value": step.best, "series": "best so far"}]
+                trace[reward.name].append(step.reward)
+                trace["best so far"].append(step.best)
                 if step.verdict is not None:
-                    rows.append({"iteration": step.iteration, "value": step.verdict.score, "series": "gold"})
+                    trace["gold"].append(step.verdict.score)
                 status = f"iteration {step.iteration + 1}/{count}: {reward.name} {step.reward:.4f}"
             else:
                 status = (f"done: best iterate {step.iteration} of {step.result.iterations}, {reward.name} "
@@ -115,8 +128,8 @@ def build_reno_demo(sampler: Sampler, reward: Reward, max_iterations: int = 50, 
             summary = {"iteration": step.iteration, "reward": step.reward, "best": step.best,
                        "gold": None if step.verdict is None else step.verdict.score, "done": step.result is not None,
                        "initial_reward": None if step.result is None else float(step.result.initial_scores[0]),
-                       "iterations": None if step.result is None else step.result.iterations}
-            yield _picture(step), pd.DataFrame(rows, columns=["iteration", "value", "series"]), status, summary
+                       "iterations": None if step.result is None else step.result.iterations, "trace": trace}
+            yield _picture(step), curve_figure(trace, f"{reward.name} per iteration (gold: watched, not optimised)"), status, summary
 
     with gr.Blocks(title="mmalign · ReNO", analytics_enabled=False) as demo:
         gr.Markdown(f"## ReNO, live\nThe initial noise of one sample is optimised against **{reward.name}** "
@@ -131,8 +144,8 @@ def build_reno_demo(sampler: Sampler, reward: Reward, max_iterations: int = 50, 
             stop = gr.Button("Stop", variant="stop")
         status = gr.Markdown()
         with gr.Row():
-            image = gr.Image(label="current iterate", type="pil", format="png", height=320)
-            curve = gr.LinePlot(x="iteration", y="value", color="series", label="reward per iteration", height=320)
+            image = gr.Image(label="current iterate", type="pil", format="png", height=400)
+            curve = gr.Plot(show_label=False)
         details = gr.JSON(label="this iteration")
         event = go.click(run, [prompt, seed, iterations], [image, curve, status, details], api_name="reno")
         stop.click(None, None, None, cancels=[event])

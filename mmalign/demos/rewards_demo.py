@@ -125,7 +125,7 @@ def build_rewards_demo(sampler: Sampler | None, rewards: Mapping[str, Reward], l
             picked = gr.Dropdown(offered, multiselect=True, label="images from the allowed folders",
                                  visible=bool(offered))
             score = gr.Button("Score uploads", variant="primary")
-        images = gr.Gallery(label="images", columns=4, height="auto", object_fit="contain", format="png")
+        images = gr.Gallery(label="images", show_label=False, columns=4, height=380, object_fit="contain", format="png")
         table = gr.Dataframe(label="scores (components, uncertainty)", wrap=True)
         details = gr.JSON(label="verdicts and notes")
         state = gr.State(None)
@@ -133,8 +133,8 @@ def build_rewards_demo(sampler: Sampler | None, rewards: Mapping[str, Reward], l
             a = gr.Number(0, precision=0, label="image a")
             b = gr.Number(1, precision=0, label="image b")
             compare = gr.Button("Compare a and b")
-        pair = gr.Gallery(label="a and b", columns=2, height="auto", object_fit="contain", format="png")
-        comparison = gr.Dataframe(label="a against b")
+        pair = gr.Gallery(label="a and b", show_label=False, columns=2, height=380, object_fit="contain", format="png")
+        comparison = gr.Dataframe(label="a against b", headers=["column", "a", "b", "a_minus_b", "prefers"])
         outputs = [images, table, details, state]
         if sampler is not None:
             go.click(generate, [prompt, n, seed], outputs, api_name="generate")

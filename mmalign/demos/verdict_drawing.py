@@ -1,6 +1,6 @@
 """The gold verdict drawn on a world image: a box per detected object (green when every check of the scene
 object it was matched to passed, red otherwise, grey for an object the prompt did not ask for) with its label,
-and a band below listing the score and the failed checks. What ``mmalign world sample`` prints, made visible.
+and a band above listing the score and the failed checks. What ``mmalign world sample`` prints, made visible.
 """
 
 from __future__ import annotations
@@ -75,6 +75,6 @@ def draw_verdict(image: torch.Tensor, result: GoldResult, scale: int | None = No
     band = Image.new("RGB", (picture.width, (font.size + 4) * len(lines) + 4), (255, 255, 255))
     ImageDraw.Draw(band).multiline_text((4, 2), "\n".join(lines), fill=(0, 0, 0), font=font, spacing=4)
     out = Image.new("RGB", (picture.width, picture.height + band.height), (255, 255, 255))
-    out.paste(picture, (0, 0))
-    out.paste(band, (0, picture.height))
+    out.paste(band, (0, 0))  # above the image: galleries lay their captions over the bottom
+    out.paste(picture, (0, band.height))
     return out

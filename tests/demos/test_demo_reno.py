@@ -72,4 +72,6 @@ def test_the_page_streams_every_iteration(reno_setup):
     assert final["done"] and final["iterations"] == 4
     assert final["reward"] >= final["initial_reward"]
     assert final["reward"] == pytest.approx(max(s["reward"] for s in summaries[:4]))
-    assert len(outputs[-1][1]["data"]) >= 4 * 2  # the reward and best-so-far curves, one point per iteration
+    trace = final["trace"]  # the plotted curves: one point per iteration
+    assert trace["preference_proxy"] == pytest.approx([s["reward"] for s in summaries[:4]])
+    assert len(trace["best so far"]) == len(trace["gold"]) == 4 and outputs[-1][1] is not None

@@ -46,10 +46,27 @@ def save_tiny_open_clip(folder) -> Path:
 
 def make_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
     """A random Stable Diffusion pipeline small enough for CPU tests: 16 px images, 8×8×4 latents."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
+    parts = _tiny_sd_parts()
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
+    )
+    pipe = StableDiffusionPipeline(**parts, unet=unet, scheduler=_tiny_ddim(prediction_type), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _tiny_sd_parts() -> dict:
+    """SD's byte-level CLIP tokenizer, a one-layer CLIP text tower (16 wide) and a VAE with 4 latent channels and
+    factor 2 (16 px images, 8×8 latents), drawn from the global RNG in that order."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
     tokenizer = CLIPTokenizer(vocab=byte_level_vocab(), merges=[], model_max_length=32)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -60,16 +77,74 @@ def make_tiny_sd_pipeline(seed: int = 0, prediction_type: str = "epsilon"):
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=16,
     )
-    unet = UNet2DConditionModel(
+    return {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+
+
+def _tiny_ddim(prediction_type: str = "epsilon", beta_schedule: str = "scaled_linear"):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
+
+
+def make_tiny_text_to_video_pipeline(seed: int = 0):
+    """A random ModelScope-style ``TextToVideoSDPipeline`` for CPU tests: a ``UNet3DConditionModel`` (spatial and
+    temporal convolutions and attention) over 4 frames of 8×8×4 latents (16 px frames), SD's tiny text tower and
+    VAE, a DDIM scheduler."""
+    from diffusers import TextToVideoSDPipeline, UNet3DConditionModel
+
+    torch.manual_seed(seed)
+    parts = _tiny_sd_parts()
+    unet = UNet3DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"), up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
         cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1, prediction_type=prediction_type)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    pipe = TextToVideoSDPipeline(**parts, unet=unet, scheduler=_tiny_ddim())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_motion_adapter(seed: int = 1):
+    """A random AnimateDiff ``MotionAdapter`` matching the tiny SD UNet's blocks (temporal attention, 2 heads)."""
+    from diffusers import MotionAdapter
+
+    torch.manual_seed(seed)
+    return MotionAdapter(block_out_channels=(16, 32), motion_layers_per_block=1, motion_num_attention_heads=2,
+                         motion_norm_num_groups=8, motion_max_seq_length=8)
+
+
+def make_tiny_animatediff_pipeline(seed: int = 0):
+    """A random ``AnimateDiffPipeline`` for CPU tests: the tiny SD pipeline's UNet made a ``UNetMotionModel`` with
+    a tiny motion adapter (as ``AnimateDiffPipeline(unet=UNet2DConditionModel, motion_adapter=...)`` builds it), 16 px
+    frames, DDIM with AnimateDiff's linear betas."""
+    from diffusers import AnimateDiffPipeline
+
+    sd = make_tiny_sd_pipeline(seed)
+    pipe = AnimateDiffPipeline(vae=sd.vae, text_encoder=sd.text_encoder, tokenizer=sd.tokenizer, unet=sd.unet,
+                               motion_adapter=make_tiny_motion_adapter(), scheduler=_tiny_ddim(beta_schedule="linear"))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_tiny_wan_pipeline(seed: int = 0):
+    """A random ``WanPipeline`` for CPU tests: a two-block ``WanTransformer3DModel`` over (4, 2, 4, 4) latents
+    (5 frames of 32 px: the Wan VAE's 4× temporal and 8× spatial factors, with per-channel latent mean and std), a
+    one-layer UMT5 encoder, the flow-matching Euler scheduler with shift 3."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    text_encoder, tokenizer = _tiny_t5_encoder(32, umt5=True)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.05, 0.3],
+                           latents_std=[1.5, 2.0, 0.8, 1.2])
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=32, freq_dim=32, ffn_dim=32, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, transformer=transformer,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -204,19 +279,20 @@ def _tiny_clip_text_encoder(cls, hidden_size: int, projection_dim: int = 16):
     return cls(config), tokenizer
 
 
-def _tiny_t5_encoder(d_model: int = 32):
-    """A one-layer T5 encoder and a T5 (Unigram) tokenizer with one piece per printable ASCII character, built
-    offline."""
-    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+def _tiny_t5_encoder(d_model: int = 32, umt5: bool = False):
+    """A one-layer T5 encoder (``umt5``: UMT5, Wan's) and a T5 (Unigram) tokenizer with one piece per printable
+    ASCII character, built offline."""
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer, UMT5Config, UMT5EncoderModel
 
     chars = [chr(c) for c in range(33, 127)]
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [("▁" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars]
     tokenizer = T5Tokenizer(vocab=pieces, extra_ids=0)
-    config = T5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
-                      num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
-                      eos_token_id=1, decoder_start_token_id=0)
-    return T5EncoderModel(config).eval(), tokenizer
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(vocab_size=len(tokenizer), d_model=d_model, d_kv=8, d_ff=2 * d_model, num_layers=1,
+                          num_heads=2, relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=0,
+                          eos_token_id=1, decoder_start_token_id=0)
+    return model_class(config).eval(), tokenizer
 
 
 def _tiny_flow_vae(shift_factor: float, scaling_factor: float):

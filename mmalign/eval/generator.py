@@ -134,7 +134,8 @@ def load_run_pipeline(run_dir: str | Path):
     elif (run_dir / "lora").is_dir():
         if "pipeline" not in config:
             raise ValueError(f"run: {str(config_path)!r} names no base 'pipeline' for the LoRA in lora/")
-        pipe = load_pipeline(config["pipeline"])
+        pipe = load_pipeline(config["pipeline"], motion_adapter=config.get("motion_adapter"),
+                             scheduler=config.get("scheduler"))
         try:
             pipe.load_lora_weights(str(run_dir / "lora"))
         except OSError as err:
@@ -155,12 +156,15 @@ def load_generator(run: str | Path | None = None, pipeline: str | None = None, d
 
     if (run is None) == (pipeline is None):
         raise ValueError("give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH (in a recipe: run or pipeline)")
+    video: dict[str, int] = {}
     if run is not None:
         pipe, sampler = load_run_pipeline(run)
-        name = json.loads((Path(run) / "config.json").read_text()).get("pipeline")
+        run_config = json.loads((Path(run) / "config.json").read_text())
+        name = run_config.get("pipeline")
+        video = {k: v for k, v in (run_config.get("video") or {}).items() if v is not None}  # the run's frames
     else:
         pipe, sampler, name = load_pipeline(pipeline), {}, pipeline
     given = {"num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}
     settings = {k: v if v is not None else sampler.get(k, DEFAULT_SAMPLER[k]) for k, v in given.items()}
-    adapter = adapter_for(pipe.to(device), settings["guidance_scale"])
+    adapter = adapter_for(pipe.to(device), settings["guidance_scale"], **video)
     return adapter, adapter.make_policy(settings["num_steps"], settings["eta"]), {"pipeline": name, **settings}

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["image_grid", "label_font"]
+__all__ = ["filmstrips", "image_grid", "label_font"]
 
 _PAD = 4
 
@@ -51,14 +51,24 @@ def _wrap(text: str, font, width: int, draw: ImageDraw.ImageDraw) -> list[str]:
     return lines
 
 
+def filmstrips(videos: torch.Tensor, frames: int = 4) -> torch.Tensor:
+    """``(B, 3, H, n·W)``: ``n = min(frames, T)`` frames of each video ``(B, T, 3, H, W)``, evenly spaced from the
+    first to the last, side by side (how a grid shows videos)."""
+    picked = torch.linspace(0, videos.shape[1] - 1, min(frames, videos.shape[1])).round().long()
+    return videos[:, picked.to(videos.device)].permute(0, 2, 3, 1, 4).flatten(3)
+
+
 def image_grid(
     images: torch.Tensor, labels: Sequence[str] | None = None, columns: int = 4, scale: int = 4
 ) -> Image.Image:
     """One RGB image holding ``images`` ``(B, 3, H, W)`` in [0, 1] in rows of ``columns``, each enlarged
-    ``scale`` times, with ``labels[i]`` (newlines allowed) written under image ``i``."""
+    ``scale`` times, with ``labels[i]`` (newlines allowed) written under image ``i``. Videos ``(B, T, 3, H, W)``
+    are shown as ``filmstrips``."""
+    if isinstance(images, torch.Tensor) and images.ndim == 5 and images.shape[2] == 3:
+        images = filmstrips(images)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
         got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-        raise ValueError(f"images: expected a (B, 3, H, W) tensor, got {got}")
+        raise ValueError(f"images: expected a (B, 3, H, W) tensor or (B, T, 3, H, W) videos, got {got}")
     if labels is not None and len(labels) != len(images):
         raise ValueError(f"labels: expected one label per image ({len(images)}), got {len(labels)}")
     if columns < 1 or scale < 1:

@@ -2,7 +2,7 @@
 
 An adapter is the one place that knows how a pipeline encodes prompts, applies classifier-free guidance, runs
 its denoiser (a UNet or a transformer) and decodes latents; rollouts, trainers and noise optimisation only see
-tensors. Each family (SD 1.x/2.x, SDXL, SD3, Flux) is one subclass; it also names its sampling policy (DDIM-η
+tensors. Each family (SD 1.x/2.x, SDXL, SD3, Flux, the video UNets, Wan) is one subclass; it also names its sampling policy (DDIM-η
 for ε/v UNets, the flow-matching SDE for rectified-flow transformers), its forward process (for losses on noised
 clean samples) and its LoRA targets, so generic code never branches on the family. Adapters drive the
 pipeline's own modules, so LoRA adapters attached to the denoiser, attention processors and offloading keep
@@ -111,8 +111,8 @@ class GeneratorAdapter:
         return self.pipeline.scheduler.config
 
     @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        """``(C, h, w)`` of the latents at the pipeline's default resolution."""
+    def latent_shape(self) -> tuple[int, ...]:
+        """``(C, h, w)`` of the latents at the pipeline's default resolution (video families: ``(C, F, h, w)``)."""
         config = self.denoiser.config
         return (config.in_channels, config.sample_size, config.sample_size)
 
@@ -127,7 +127,7 @@ class GeneratorAdapter:
         raise NotImplementedError
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """``(B,3,H,W)`` pixels in [0, 1] (differentiable), in at least fp32."""
+        """``(B,3,H,W)`` pixels in [0, 1] (differentiable), in at least fp32; video families ``(B,T,3,H,W)``."""
         raise NotImplementedError
 
     def make_policy(self, num_steps: int, eta: float) -> SamplingPolicy:

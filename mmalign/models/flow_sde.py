@@ -26,7 +26,7 @@ import torch
 
 from mmalign.models.ddim import StepOutput, gaussian_step
 
-__all__ = ["FlowSDEPolicy", "dynamic_shift_mu"]
+__all__ = ["FlowSDEPolicy", "dynamic_shift_mu", "scheduler_policy"]
 
 
 def dynamic_shift_mu(scheduler_config, image_seq_len: int) -> float:
@@ -50,10 +50,12 @@ class FlowSDEPolicy:
         mu: the dynamic-shifting parameter (required when the config has ``use_dynamic_shifting``; the adapter
             computes it from the image sequence length, ``dynamic_shift_mu``).
         sigmas: custom sigmas passed to ``set_timesteps`` (Flux's pipeline passes ``linspace(1, 1/n, n)``).
+        timesteps: what the denoiser receives at each step where that is not σ·num_train_timesteps (the integer
+            timesteps of a multistep flow scheduler, ``scheduler_policy``).
     """
 
     def __init__(self, scheduler_config, num_steps: int, noise_level: float = 0.7, mu: float | None = None,
-                 sigmas=None) -> None:
+                 sigmas=None, timesteps: torch.Tensor | None = None) -> None:
         from diffusers import FlowMatchEulerDiscreteScheduler
 
         if not noise_level >= 0:
@@ -72,7 +74,10 @@ class FlowSDEPolicy:
         self.scheduler.set_timesteps(num_steps, sigmas=sigmas, mu=mu)
         self.noise_level, self.num_steps = float(noise_level), num_steps
         self.sigmas = self.scheduler.sigmas.clone().cpu()  # (T+1,) fp32, ending at 0
-        self.timesteps = self.scheduler.timesteps.clone().cpu()  # σ·num_train_timesteps: what the denoiser gets
+        # σ·num_train_timesteps unless given: what the denoiser gets
+        self.timesteps = (self.scheduler.timesteps if timesteps is None else torch.as_tensor(timesteps)).clone().cpu()
+        if self.timesteps.shape != (num_steps,):
+            raise ValueError(f"timesteps: expected {num_steps} values, got shape {tuple(self.timesteps.shape)}")
         self._scales = [self._scale(i) for i in range(num_steps)]
         self.stds = [s * math.sqrt(float(self.sigmas[i]) - float(self.sigmas[i + 1])) for i, s in enumerate(self._scales)]
         if self.stochastic and min(self.stds) <= 0:
@@ -112,3 +117,30 @@ class FlowSDEPolicy:
         drift = self._scales[index] ** 2 / (2 * sigma)
         mean = x + (v + drift * (x + (1 - sigma) * v)) * dt  # a = 0: x + v·dt, the scheduler's Euler step
         return gaussian_step(mean, self.stds[index], prev_sample, generator)
+
+
+def scheduler_policy(scheduler, num_steps: int, noise_level: float, mu: float | None = None) -> FlowSDEPolicy:
+    """The flow SDE on the sigmas and timesteps a pipeline's own ``scheduler`` sets for ``num_steps`` steps.
+
+    A ``FlowMatchEulerDiscreteScheduler``'s config is read as it is. Another flow scheduler (UniPC or DPM-Solver with
+    ``use_flow_sigmas``, as Wan ships) runs its own ``set_timesteps``; the SDE takes its sigmas (ending at 0, so on
+    an unshifted Euler config) and the timesteps it gives the denoiser. At noise level 0 that is the Euler ODE on the
+    multistep solver's schedule, not the solver itself.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if isinstance(scheduler, FlowMatchEulerDiscreteScheduler):
+        return FlowSDEPolicy(scheduler.config, num_steps, noise_level, mu=mu)
+    config = scheduler.config
+    if not config.get("use_flow_sigmas"):
+        raise ValueError(f"scheduler: expected a flow-matching scheduler (FlowMatchEulerDiscreteScheduler, or one with "
+                         f"use_flow_sigmas), got {type(scheduler).__name__} without use_flow_sigmas")
+    own = type(scheduler).from_config(config)
+    own.set_timesteps(num_steps)
+    sigmas = own.sigmas.float().cpu()
+    if sigmas.shape != (num_steps + 1,) or float(sigmas[-1]) != 0:
+        raise ValueError(f"scheduler: {type(scheduler).__name__} sets {len(sigmas)} sigmas ending at "
+                         f"{float(sigmas[-1]):g}; the flow SDE needs {num_steps} steps ending at σ = 0 "
+                         "(final_sigmas_type='zero')")
+    euler = {"num_train_timesteps": config.num_train_timesteps, "shift": 1.0}
+    return FlowSDEPolicy(euler, num_steps, noise_level, sigmas=sigmas[:-1].numpy(), timesteps=own.timesteps)

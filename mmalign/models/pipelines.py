@@ -3,6 +3,8 @@ wrapping them in the adapter of their family."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from mmalign.config import import_object
@@ -20,23 +22,52 @@ ADAPTERS: dict[str, str] = {
     "StableDiffusionXLPipeline": "mmalign.models.sdxl:SDXLAdapter",
     "StableDiffusion3Pipeline": "mmalign.models.sd3:SD3Adapter",
     "FluxPipeline": "mmalign.models.flux:FluxAdapter",
+    "TextToVideoSDPipeline": "mmalign.models.video_unet:VideoUNetAdapter",
+    "AnimateDiffPipeline": "mmalign.models.video_unet:AnimateDiffAdapter",
+    "WanPipeline": "mmalign.models.wan:WanAdapter",
 }
 
 #: loading options of a pipeline class that others do not take
 _LOAD_OPTIONS: dict[str, dict] = {"StableDiffusionPipeline": {"safety_checker": None}}
 
 
-def load_pipeline(name: str, dtype: torch.dtype = torch.float32):
+def load_pipeline(name: str, dtype: torch.dtype = torch.float32, motion_adapter: str | None = None,
+                  scheduler: dict | None = None):
     """A named source's pipeline (``"world"``: the shipped shapes pipeline), else the pipeline class a folder or
-    hub id names in its ``model_index.json`` (SD, SDXL, SD3, Flux, …), loaded with ``from_pretrained``; progress
-    bars off (samplers call it in loops)."""
+    hub id names in its ``model_index.json`` (SD, SDXL, SD3, Flux, Wan, …), loaded with ``from_pretrained``;
+    progress bars off (samplers call it in loops).
+
+    ``motion_adapter`` (a hub id or folder of an AnimateDiff ``MotionAdapter``) makes an SD 1.x base an
+    ``AnimateDiffPipeline``; ``scheduler`` overrides entries of the scheduler's config (AnimateDiff samples with
+    linear betas where SD 1.5 has scaled-linear ones).
+    """
     import diffusers
 
     if not isinstance(name, str) or not name:
         raise ValueError(f"pipeline: expected {', '.join(map(repr, PIPELINE_SOURCES))}, a hub id or a pipeline folder, "
                          f"got {name!r}")
     if name in PIPELINE_SOURCES:
+        if motion_adapter is not None or scheduler:
+            raise ValueError(f"motion_adapter, scheduler: the {name!r} pipeline takes neither")
         return import_object(PIPELINE_SOURCES[name])(dtype=dtype)
+    if motion_adapter is not None:
+        try:
+            adapter = diffusers.MotionAdapter.from_pretrained(motion_adapter, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"motion_adapter: expected a MotionAdapter folder or a hub id, got {motion_adapter!r} "
+                             f"({str(err).splitlines()[0]})") from None
+        pipe = pretrained_pipeline(diffusers.AnimateDiffPipeline, name, dtype=dtype, motion_adapter=adapter)
+    else:
+        pipe = _pretrained_by_class(name, dtype)
+    if scheduler:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **scheduler)
+    return pipe
+
+
+def _pretrained_by_class(name: str, dtype: torch.dtype):
+    """The pipeline class ``name``'s ``model_index.json`` names, loaded from it."""
+    import diffusers
+
     try:
         class_name = diffusers.DiffusionPipeline.load_config(name)["_class_name"]
     except (OSError, ValueError, KeyError) as err:
@@ -71,5 +102,10 @@ def adapter_for(pipeline, guidance_scale: float = 5.0, **options):
         return pipeline
     for cls in type(pipeline).__mro__:
         if cls.__name__ in ADAPTERS:
-            return import_object(ADAPTERS[cls.__name__])(pipeline, guidance_scale, **options)
+            adapter = import_object(ADAPTERS[cls.__name__])
+            unknown = sorted(set(options) - set(inspect.signature(adapter).parameters))
+            if unknown:
+                raise ValueError(f"{', '.join(unknown)}: {adapter.__name__} (for {type(pipeline).__name__}) takes no "
+                                 f"such option (video options are for video pipelines)")
+            return adapter(pipeline, guidance_scale, **options)
     raise TypeError(f"pipeline: expected one of {', '.join(ADAPTERS)} (or a subclass), got {type(pipeline).__name__}")

@@ -140,8 +140,8 @@ def backward_weighted_log_probs(
 
 
 class GradSample(NamedTuple):
-    """The end of a differentiable rollout: ``latents`` ``(B, C, h, w)`` x_0, ``pixels`` ``(B, 3, H, W)`` and the
-    sum of ``on_step``'s values over the kept steps (0 without one)."""
+    """The end of a differentiable rollout: ``latents`` ``(B, *latent_shape)`` x_0, ``pixels`` ``(B, 3, H, W)``
+    (videos ``(B, T, 3, H, W)``) and the sum of ``on_step``'s values over the kept steps (0 without one)."""
 
     latents: torch.Tensor
     pixels: torch.Tensor
@@ -166,7 +166,7 @@ def sample_with_grad(
     on_step: StepHook | None = None,
     decoder_checkpointing: bool = False,
 ) -> GradSample:
-    """Sample from ``noise`` ``(B, C, h, w)`` (the latent before step ``start_index``; 0: the initial noise) with
+    """Sample from ``noise`` ``(B, *latent_shape)`` (the latent before step ``start_index``; 0: the initial noise) with
     autograd through the last ``grad_steps`` steps (None: all).
 
     The earlier steps run without a graph and their output is detached: DRaFT-K's truncation (K = 1 is often
@@ -198,7 +198,7 @@ def sample_with_grad(
             with torch.no_grad():
                 x = policy.step(adapter.model_output(denoiser, x, t, embeds), x, index, generator=generator).prev_sample
             continue
-        x = torch.where(keep.view(-1, 1, 1, 1), x, x.detach())  # samples whose truncation lies later
+        x = torch.where(keep.view(-1, *[1] * (x.ndim - 1)), x, x.detach())  # samples whose truncation lies later
         if gradient_checkpointing:
             out = checkpoint(adapter.model_output, denoiser, x, t, embeds, use_reentrant=False)
         else:

@@ -19,12 +19,13 @@ class Trajectory:
     """A batch of denoising trajectories ``x_T … x_0`` sampled from ``π_old``.
 
     Attributes:
-        latents: ``(B, T+1, C, h, w)`` fp32, ``latents[:, 0]`` the initial noise, ``latents[:, -1]`` x_0.
+        latents: ``(B, T+1, C, h, w)`` fp32 (video families: ``(B, T+1, C, F, h, w)``), ``latents[:, 0]`` the
+            initial noise, ``latents[:, -1]`` x_0.
         timesteps: ``(T,)`` the scheduler timesteps of the steps.
         log_probs: ``(B, T)`` fp64 log-probs of each step under the sampling policy (summed over dims).
         embeds: text conditioning, ``(B, L, D)`` each.
         prompts, metadata: per sample; ``metadata[i]["group"]`` is the index of the sample's prompt group.
-        pixels: ``(B, 3, H, W)`` decoded images in [0, 1].
+        pixels: ``(B, 3, H, W)`` decoded images in [0, 1], or ``(B, F, 3, H, W)`` videos.
         rewards: ``(B,)`` scores (NaN where the reward failed), with their components.
         ref_log_probs: ``(B, T)`` fp64 log-probs under the reference policy, when an algorithm needs them.
     """

@@ -38,8 +38,8 @@ from mmalign.trainers.lora import (
 from mmalign.trainers.run import Run
 
 __all__ = [
-    "DiffusionConfig", "DiffusionLoop", "DiffusionTrainer", "EvalConfig", "ReportConfig", "assert_ratio_is_one",
-    "group_stats",
+    "DiffusionConfig", "DiffusionLoop", "DiffusionTrainer", "EvalConfig", "ReportConfig", "VideoConfig",
+    "assert_ratio_is_one", "group_stats",
 ]
 
 
@@ -67,10 +67,29 @@ class EvalConfig(StrictModel):
     seed: int = Field(4321, description="noise seed of the evaluation samples (the same at every evaluation)")
 
 
+class VideoConfig(StrictModel):
+    """The size of a video pipeline's samples (each null: the pipeline's default)."""
+
+    num_frames: int | None = Field(None, ge=1, description="frames per video (Wan: 1 + a multiple of 4)")
+    height: int | None = Field(None, ge=1, description="frame height in pixels")
+    width: int | None = Field(None, ge=1, description="frame width in pixels")
+
+    def options(self) -> dict[str, int]:
+        """The adapter options that are set."""
+        return self.model_dump(exclude_none=True)
+
+
 class DiffusionConfig(Recipe):
     """Fields of every diffusion RL recipe."""
 
     pipeline: str = Field(description="'world' (the shipped shapes pipeline), a hub id or a folder")
+    motion_adapter: str | None = Field(
+        None, description="an AnimateDiff MotionAdapter (hub id or folder): the SD 1.x pipeline becomes AnimateDiff's"
+    )
+    scheduler: dict[str, Any] = Field(
+        default_factory=dict, description="overrides of the pipeline's scheduler config (e.g. beta_schedule: linear)"
+    )
+    video: VideoConfig | None = Field(None, description="frames and size of a video pipeline's samples")
     prompts: PromptSource = Field(description="training prompts")
     reward: RewardSpecs = Field(min_length=1, description="reward specs; several are summed with their weights")
     log_rewards: RewardSpecs = Field(default_factory=list, description="rewards logged each epoch, not trained on")
@@ -170,9 +189,10 @@ class DiffusionLoop:
         self.run = Run(cfg, cfg.output_dir, cfg.seed, cfg.mixed_precision, cfg.trackers, f"mmalign-{cfg.task}",
                        self.progress)
         device = self.run.device
-        pipe = self._pipeline or load_pipeline(cfg.pipeline)
+        pipe = self._pipeline or load_pipeline(cfg.pipeline, motion_adapter=cfg.motion_adapter,
+                                               scheduler=cfg.scheduler)
         pipe.to(device)
-        self.adapter = adapter = adapter_for(pipe, cfg.guidance_scale)
+        self.adapter = adapter = adapter_for(pipe, cfg.guidance_scale, **(cfg.video.options() if cfg.video else {}))
         for module in adapter.frozen_modules:
             module.requires_grad_(False)
         denoiser = adapter.denoiser

@@ -46,6 +46,12 @@ def attach_lora(denoiser: torch.nn.Module, config: LoRAConfig, default_targets: 
     ``default_targets`` unless the config names its own), kept in fp32 whatever the denoiser's dtype (``cast_training_params``) so small updates are not rounded away."""
     from diffusers.training_utils import cast_training_params
 
+    if not hasattr(denoiser, "add_adapter"):
+        import diffusers
+
+        raise ValueError(f"lora: {type(denoiser).__name__} has no peft integration in diffusers "
+                         f"{diffusers.__version__}, so it cannot take LoRA adapters; train it with lora: null (full "
+                         "fine-tuning)")
     denoiser.requires_grad_(False)
     denoiser.add_adapter(config.peft(default_targets))
     cast_training_params(denoiser, torch.float32)

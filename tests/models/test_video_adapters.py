@@ -292,3 +292,29 @@ def test_a_full_fine_tune_of_unet3d_reports_videos_and_exports_the_pipeline(tmp_
     assert type(reloaded) is VideoUNetAdapter
     with torch.no_grad():
         torch.testing.assert_close(reloaded.model_output(reloaded.denoiser, x, t, embeds), trained)
+
+
+def test_a_recipe_with_a_motion_adapter_loads_animatediff_on_an_sd_base(tmp_path):
+    """``pipeline`` an SD 1.x folder, ``motion_adapter`` a MotionAdapter folder and ``scheduler`` overrides (offline,
+    as the AnimateDiff recipe reads its hub ids): the loop trains an AnimateDiff pipeline with linear betas."""
+    from diffusers import AnimateDiffPipeline
+    from tiny_models import make_tiny_motion_adapter, make_tiny_sd_pipeline
+
+    make_tiny_sd_pipeline().save_pretrained(tmp_path / "sd")
+    make_tiny_motion_adapter().save_pretrained(tmp_path / "motion")
+    pipe = load_pipeline(str(tmp_path / "sd"), motion_adapter=str(tmp_path / "motion"),
+                         scheduler={"beta_schedule": "linear"})
+    assert isinstance(pipe, AnimateDiffPipeline) and pipe.scheduler.config.beta_schedule == "linear"
+    with pytest.raises(ValueError, match="motion_adapter: expected a MotionAdapter folder or a hub id"):
+        load_pipeline(str(tmp_path / "sd"), motion_adapter=str(tmp_path / "missing"))
+
+    trainer_class, schema, own = ALGORITHMS["grpo"]
+    config = schema(**{**COMMON, **own}, reward=[VIDEO_REWARD], pipeline=str(tmp_path / "sd"),
+                    motion_adapter=str(tmp_path / "motion"), scheduler={"beta_schedule": "linear"},
+                    video={"num_frames": 3}, output_dir=str(tmp_path / "run"), epochs=1)
+    trainer = trainer_class(config, progress=False)
+    trainer.setup()
+    adapter = trainer.loop.adapter
+    assert isinstance(adapter, AnimateDiffAdapter) and adapter.latent_shape == (4, 3, 8, 8)
+    assert trainer.loop.policy.scheduler.config.beta_schedule == "linear"
+    trainer.cleanup()

@@ -68,7 +68,7 @@ def test_rewards_demo_in_a_browser(browser, world_sampler, demo_rewards, tmp_pat
 def test_reno_demo_in_a_browser(browser, tmp_path):
     sampler = load_sampler("world", guidance_scale=5.0)
     shot = _screenshot_path("reno", tmp_path)
-    with served(build_reno_demo(sampler, build(DEFAULT_REWARD), max_iterations=15, num_steps=4)) as url:
+    with served(build_reno_demo(sampler, build(DEFAULT_REWARD), max_iterations=8, num_steps=4)) as url:
         _drive(browser, url, "Run ReNO", "text=/^done: best iterate/", shot)
 
 

@@ -75,3 +75,24 @@ def test_the_page_streams_every_iteration(reno_setup):
     trace = final["trace"]  # the plotted curves: one point per iteration
     assert trace["preference_proxy"] == pytest.approx([s["reward"] for s in summaries[:4]])
     assert len(trace["best so far"]) == len(trace["gold"]) == 4 and outputs[-1][1] is not None
+
+
+def test_cancelling_the_page_stops_the_optimisation(reno_setup):
+    """What the stop button does (``cancels=``): the page's generator is cancelled, and the worker thread running
+    ``optimize_noise`` ends at its next iteration instead of running all 50."""
+    import threading
+    import time
+
+    sampler, reward = reno_setup
+    with served(build_reno_demo(sampler, reward, max_iterations=50, num_steps=1)) as url:
+        client = Client(url, verbose=False)
+        job = client.submit(PROMPT, 0, 50, api_name="/reno")
+        deadline = time.monotonic() + 60
+        while len(job.outputs()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(job.outputs()) >= 2
+        job.cancel()
+        while any(t.name == "reno-demo" for t in threading.enumerate()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(t.name == "reno-demo" for t in threading.enumerate())
+        assert len(job.outputs()) < 50 and not job.outputs()[-1][3]["done"]

@@ -108,3 +108,18 @@ def test_uploads_of_mixed_sizes_are_fitted_to_one_square():
     assert same.shape == (2, 3, 10, 20)
     mixed = uploads_as_pixels([Image.new("RGB", (20, 10)), Image.new("RGB", (12, 12))], 32)
     assert mixed.shape == (2, 3, 32, 32)
+
+
+def test_images_of_the_allowed_folders_can_be_picked_and_no_others(world_sampler, tmp_path):
+    scene = scene_from_prompt(PROMPT)
+    path = tmp_path / "render.png"
+    image = render_batch([scene], size=32, seed=0)[0]
+    Image.fromarray((image.permute(1, 2, 0) * 255).round().byte().numpy()).save(path)
+    demo = build_rewards_demo(world_sampler, {"gold": GoldReward()}, allowed_dirs=[str(tmp_path)])
+    with served(demo, allowed_dirs=(str(tmp_path),)) as url:
+        client = Client(url, verbose=False)
+        _, _, details = client.predict(PROMPT, [], [str(path)], api_name="/score_uploads")
+        expected = verify(open_image(path), scene)
+        assert details["verdicts"][0]["score"] == pytest.approx(expected.score)
+        with pytest.raises(Exception, match="(?i)not in the list of choices|not an image of the allowed folders"):
+            client.predict(PROMPT, [], ["/etc/hostname"], api_name="/score_uploads")

@@ -1,6 +1,8 @@
 """Upload checks: not an image, too many bytes, too many pixels, an unreadable mode, each a message naming the
 file and the limit; good files come back as RGB with their own pixels; the server refuses oversized uploads."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -91,3 +93,31 @@ def test_the_server_refuses_uploads_over_the_limit(tmp_path):
         _, table, details = client.predict("", [handle_file(str(small))], [], api_name="/score_uploads")
         assert details["notes"]["verdict"].startswith("no gold verdict to draw")
         assert table["headers"][:3] == ["image", "seed", "jpeg"]
+
+
+def test_files_are_served_only_from_the_allowed_folders(tmp_path):
+    pytest.importorskip("gradio")
+    import urllib.error
+    import urllib.request
+
+    from conftest import served
+
+    from mmalign.demos.rewards_demo import build_rewards_demo
+    from mmalign.rewards import build
+
+    allowed, other = tmp_path / "allowed", tmp_path / "other"
+    allowed.mkdir(), other.mkdir()
+    inside, outside = _png(allowed / "in.png"), _png(other / "out.png")
+
+    def status(url: str, path) -> int:
+        try:
+            with urllib.request.urlopen(f"{url}gradio_api/file={path}") as response:
+                return response.status
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    demo = build_rewards_demo(None, {"jpeg": build("jpeg_compressibility")}, allowed_dirs=[str(allowed)])
+    with served(demo, allowed_dirs=allowed_folders([allowed])) as url:
+        assert status(url, inside.resolve()) == 200
+        assert status(url, outside.resolve()) == 403
+        assert status(url, Path(__file__).resolve()) == 403  # nor the working tree

@@ -131,7 +131,12 @@ def make_tiny_wan_pipeline(seed: int = 0):
     """A random ``WanPipeline`` for CPU tests: a two-block ``WanTransformer3DModel`` over (4, 2, 4, 4) latents
     (5 frames of 32 px: the Wan VAE's 4× temporal and 8× spatial factors, with per-channel latent mean and std), a
     one-layer UMT5 encoder, the flow-matching Euler scheduler with shift 3."""
-    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from diffusers import (
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
 
     torch.manual_seed(seed)
     text_encoder, tokenizer = _tiny_t5_encoder(32, umt5=True)

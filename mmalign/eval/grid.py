@@ -20,6 +20,8 @@ from PIL import Image, ImageDraw, ImageFont
 __all__ = ["filmstrips", "image_grid", "label_font"]
 
 _PAD = 4
+#: the height up to which small images are enlarged (nearest neighbour)
+MAX_ENLARGED = 256
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,8 +64,9 @@ def image_grid(
     images: torch.Tensor, labels: Sequence[str] | None = None, columns: int = 4, scale: int = 4
 ) -> Image.Image:
     """One RGB image holding ``images`` ``(B, 3, H, W)`` in [0, 1] in rows of ``columns``, each enlarged
-    ``scale`` times, with ``labels[i]`` (newlines allowed) written under image ``i``. Videos ``(B, T, 3, H, W)``
-    are shown as ``filmstrips``."""
+    ``scale`` times but to no more than ``MAX_ENLARGED`` px high (a 512 px image stays at its own size, so a sheet
+    of large samples stays within what Pillow opens), with ``labels[i]`` (newlines allowed) written under image
+    ``i``. Videos ``(B, T, 3, H, W)`` are shown as ``filmstrips``."""
     if isinstance(images, torch.Tensor) and images.ndim == 5 and images.shape[2] == 3:
         images = filmstrips(images)
     if not isinstance(images, torch.Tensor) or images.ndim != 4 or images.shape[1] != 3:
@@ -73,6 +76,7 @@ def image_grid(
         raise ValueError(f"labels: expected one label per image ({len(images)}), got {len(labels)}")
     if columns < 1 or scale < 1:
         raise ValueError(f"columns, scale: expected positive ints, got {columns}, {scale}")
+    scale = max(1, min(scale, MAX_ENLARGED // images.shape[-2]))
     columns = min(columns, len(images))
     rows = -(-len(images) // columns)
     cell = images.shape[-1] * scale

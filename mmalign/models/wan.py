@@ -78,12 +78,14 @@ class WanAdapter(FlowTransformerAdapter):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``(B, T, 3, H, W)`` frames in [0, 1] (differentiable), in at least fp32: the latents un-normalised per
-        channel and decoded by the Wan VAE, as the pipeline does."""
+        channel and decoded by the Wan VAE, as the pipeline does, one video per VAE call (a rollout's whole batch
+        of 480p videos at once would not fit)."""
         vae = self.pipeline.vae
         shape = (1, vae.config.z_dim, 1, 1, 1)
         mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, vae.dtype)
         inverse_std = (1.0 / torch.tensor(vae.config.latents_std).view(shape)).to(latents.device, vae.dtype)
-        video = vae.decode(latents.to(vae.dtype) / inverse_std + mean, return_dict=False)[0]
+        normalised = latents.to(vae.dtype) / inverse_std + mean
+        video = torch.cat([vae.decode(one, return_dict=False)[0] for one in normalised.split(1)])
         video = video.to(torch.promote_types(video.dtype, torch.float32)).transpose(1, 2)
         return (video / 2 + 0.5).clamp(0, 1)
 

@@ -9,7 +9,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_animatediff_pipeline, make_tiny_text_to_video_pipeline, make_tiny_wan_pipeline
+from tiny_models import (
+    make_tiny_animatediff_pipeline,
+    make_tiny_text_to_video_pipeline,
+    make_tiny_wan_pipeline,
+)
 
 from mmalign.media import MediaBatch
 from mmalign.models.ddim import DDIMPolicy
@@ -235,8 +239,10 @@ def _train(trainer):
 
 @pytest.mark.parametrize("algorithm, family", [("prdp", "animatediff"), ("grpo", "wan"), ("nft", "wan"),
                                                ("backprop", "animatediff")])
-def test_each_trainer_trains_an_epoch_on_videos(tmp_path, algorithm, family):
-    trainer = _trainer(algorithm, family, tmp_path / "run")
+def test_each_trainer_trains_an_epoch_on_videos(tmp_path, tiny_open_clip_dir, algorithm, family):
+    """GRPO's reward is subject consistency (a tiny CLIP's frame embeddings), the others' per-frame rewards."""
+    consistency = {"name": "temporal_consistency", "model": str(tiny_open_clip_dir), "pretrained": None}
+    trainer = _trainer(algorithm, family, tmp_path / "run", **({"reward": [consistency]} if algorithm == "grpo" else {}))
     _train(trainer)
     trainer.cleanup()
 
@@ -318,3 +324,15 @@ def test_a_recipe_with_a_motion_adapter_loads_animatediff_on_an_sd_base(tmp_path
     assert isinstance(adapter, AnimateDiffAdapter) and adapter.latent_shape == (4, 3, 8, 8)
     assert trainer.loop.policy.scheduler.config.beta_schedule == "linear"
     trainer.cleanup()
+
+
+def test_grids_show_videos_as_filmstrips_and_large_frames_at_their_size():
+    from mmalign.eval.grid import MAX_ENLARGED, filmstrips, image_grid
+
+    videos = torch.arange(9.0).view(1, 9, 1, 1, 1).expand(2, 9, 3, 2, 2) / 8
+    strip = filmstrips(videos)
+    assert strip.shape == (2, 3, 2, 8)  # four frames side by side
+    assert strip[0, 0, 0, ::2].mul(8).tolist() == [0, 3, 5, 8]  # the first and last frames, evenly spaced between
+    assert image_grid(videos, columns=2).size == (2 * (8 * 4 + 4) + 4, 2 * 4 + 3 * 4)  # enlarged 4×, padded
+    large = image_grid(torch.rand(1, 3, 2 * MAX_ENLARGED, 8), columns=1)
+    assert large.size == (8 + 2 * 4, 2 * MAX_ENLARGED + 3 * 4)  # not enlarged

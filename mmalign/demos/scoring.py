@@ -6,6 +6,7 @@ Images are rounded to 8 bits before they are scored, so the PNG a user sees is e
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +84,7 @@ class Scored:
             row: dict[str, Any] = {"image": i, "seed": seed}
             for name, values in self.columns.items():
                 value = float(values[i])
-                row[name] = round(value, 6) if value == value and abs(value) != float("inf") else None
+                row[name] = round(value, 6) if math.isfinite(value) else None
             rows.append(row)
         return rows
 

@@ -323,7 +323,24 @@ def test_a_recipe_with_a_motion_adapter_loads_animatediff_on_an_sd_base(tmp_path
     adapter = trainer.loop.adapter
     assert isinstance(adapter, AnimateDiffAdapter) and adapter.latent_shape == (4, 3, 8, 8)
     assert trainer.loop.policy.scheduler.config.beta_schedule == "linear"
+    trainer.train()
+    trainer.export()
+    x = torch.randn((2, *adapter.latent_shape), generator=torch.Generator().manual_seed(0))
+    embeds, t = adapter.encode_prompts(PROMPTS), trainer.loop.policy.timesteps[1]
+    with torch.no_grad(), trainer.loop.reference() as reference:
+        base = adapter.model_output(reference, x, t, embeds)
+    with torch.no_grad():
+        trained = adapter.model_output(trainer.loop.raw_denoiser, x, t, embeds)
     trainer.cleanup()
+    assert (trained - base).abs().max() > 1e-4  # the LoRA moved, so loading it is seen
+
+    from mmalign.eval.generator import load_generator  # the run's result: base, motion adapter, scheduler, frames, LoRA
+
+    loaded, policy, settings = load_generator(run=str(tmp_path / "run"))
+    assert isinstance(loaded, AnimateDiffAdapter) and loaded.latent_shape == (4, 3, 8, 8)
+    assert loaded.pipeline.scheduler.config.beta_schedule == "linear" and settings["num_steps"] == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model_output(loaded.denoiser, x, t, embeds), trained, rtol=1e-5, atol=1e-5)
 
 
 def test_grids_show_videos_as_filmstrips_and_large_frames_at_their_size():

@@ -15,6 +15,7 @@ from tiny_models import (
     make_tiny_wan_pipeline,
 )
 
+from mmalign.eval.generator import load_generator
 from mmalign.media import MediaBatch
 from mmalign.models.ddim import DDIMPolicy
 from mmalign.models.flow_sde import FlowSDEPolicy
@@ -334,8 +335,7 @@ def test_a_recipe_with_a_motion_adapter_loads_animatediff_on_an_sd_base(tmp_path
     trainer.cleanup()
     assert (trained - base).abs().max() > 1e-4  # the LoRA moved, so loading it is seen
 
-    from mmalign.eval.generator import load_generator  # the run's result: base, motion adapter, scheduler, frames, LoRA
-
+    # the run's result: base, motion adapter, scheduler, frames and LoRA, as mmalign eval reads it
     loaded, policy, settings = load_generator(run=str(tmp_path / "run"))
     assert isinstance(loaded, AnimateDiffAdapter) and loaded.latent_shape == (4, 3, 8, 8)
     assert loaded.pipeline.scheduler.config.beta_schedule == "linear" and settings["num_steps"] == 3

@@ -73,6 +73,6 @@ def test_reno_demo_in_a_browser(browser, tmp_path):
 
 
 def test_compare_demo_in_a_browser(browser, tiny_run, tmp_path):
-    shot = _screenshot_path("compare", tmp_path)
+    shot = _screenshot_path("compare-overcooked", tmp_path)
     with served(build_compare_demo([tiny_run])) as url:
         _drive(browser, url, "Compare", ".grid-wrap img", shot)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["filmstrips", "image_grid", "label_font"]
+__all__ = ["filmstrips", "image_grid", "label_font", "save_video_grid"]
 
 _PAD = 4
 #: the height up to which small images are enlarged (nearest neighbour)
@@ -97,3 +97,15 @@ def image_grid(
         for k, line in enumerate(lines):
             draw.text((x, y + tile.height + 2 + k * line_height), line, fill="black", font=font)
     return sheet
+
+
+def save_video_grid(videos: torch.Tensor, path, labels: Sequence[str] | None = None, columns: int = 4,
+                    scale: int = 4, ms: int = 200):
+    """An animated GIF of ``videos`` ``(B, T, 3, H, W)`` in [0, 1] (Pillow's writer, looping): GIF frame ``t`` is
+    the ``image_grid`` of every video's frame ``t``, labels under each. Returns the path."""
+    if not isinstance(videos, torch.Tensor) or videos.ndim != 5 or videos.shape[2] != 3:
+        got = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
+        raise ValueError(f"videos: expected a (B, T, 3, H, W) tensor, got {got}")
+    sheets = [image_grid(videos[:, t], labels, columns, scale) for t in range(videos.shape[1])]
+    sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=ms, loop=0)
+    return path

@@ -214,8 +214,9 @@ def save_grids(
 ) -> Path:
     """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image:
     the first sample of each of the first ``limit`` prompts (``metadata["group"]``), or the first ``limit``
-    samples when the samples carry no group."""
-    from mmalign.eval.grid import image_grid
+    samples when the samples carry no group. Videos are shown as strips of frames, and also played in
+    ``grid.gif`` beside ``path`` (the same grid, one GIF frame per video frame)."""
+    from mmalign.eval.grid import image_grid, save_video_grid
 
     first_of_group: dict[object, int] = {}
     for i, meta in enumerate(before.batch.metadata):
@@ -229,6 +230,8 @@ def save_grids(
             score = f"\n{label_key} {float(run.scores[label_key][i]):.2f}" if label_key in run.scores else ""
             labels.append(f"{tag}: {run.batch.prompts[i]}{score}")
     image_grid(images, labels, columns=len(picked)).save(path)
+    if images.ndim == 5:
+        save_video_grid(images, Path(path).with_suffix(".gif"), labels, columns=len(picked))
     return Path(path)
 
 
@@ -246,7 +249,8 @@ def write_report(
     ``before`` and ``after`` score the same prompts with the same seeds (or the same questions), so
     ``paired_change`` gives the mean and 95% CI of the per-sample differences: far narrower than the two
     separate intervals, and the one to read when asking whether training moved a score. The grid shows the
-    first sample of each of the first ``limit`` prompts (none for 0); the curves run against ``x`` (``epoch`` or ``step``).
+    first sample of each of the first ``limit`` prompts (none for 0), videos as strips of frames and also played
+    in ``grid.gif`` (``summary["grid_video"]``); the curves run against ``x`` (``epoch`` or ``step``).
 
     When both carry per-prompt diversity (``GeneratorEval.add_diversity``), its columns join ``before``,
     ``after``, ``change`` and ``paired_change`` (paired over prompts; ``n`` counts prompts), the per-prompt
@@ -269,8 +273,10 @@ def write_report(
         curves = plot_curves(read_metrics(metrics, x), curve_keys, run_dir / "curves.png", x,
                              eval_rows=read_metrics(metrics, "step", "eval"))
         summary["curves"] = curves.name if curves else None
-    label = next((k for k in ("gold", *before.scores) if k in before.scores), None)
+    label = next((k for k in ("gold", "gold_video", *before.scores) if k in before.scores), None)
     summary["grid"] = save_grids(before, after, run_dir / "grid.png", label, limit).name if limit else None
+    if limit and before.batch.pixels.ndim == 5:
+        summary["grid_video"] = "grid.gif"
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: it marks the report done
     return summary
 

@@ -13,7 +13,8 @@ __all__ = ["ADAPTERS", "PIPELINE_SOURCES", "adapter_for", "load_pipeline", "pret
 
 #: names that are not hub ids or folders → loader ``(dtype=...) -> pipeline``, as import paths (the world is
 #: reached through this table, never imported by generic code).
-PIPELINE_SOURCES: dict[str, str] = {"world": "mmalign.world.assets:load_pipeline"}
+PIPELINE_SOURCES: dict[str, str] = {"world": "mmalign.world.assets:load_pipeline",
+                                    "world-video": "mmalign.world.assets:load_video_pipeline"}
 
 #: diffusers pipeline class → the adapter of its family, as import paths (a subclass of a listed pipeline gets
 #: its nearest listed base's adapter).
@@ -33,7 +34,8 @@ _LOAD_OPTIONS: dict[str, dict] = {"StableDiffusionPipeline": {"safety_checker": 
 
 def load_pipeline(name: str, dtype: torch.dtype = torch.float32, motion_adapter: str | None = None,
                   scheduler: dict | None = None):
-    """A named source's pipeline (``"world"``: the shipped shapes pipeline), else the pipeline class a folder or
+    """A named source's pipeline (``"world"``: the shipped shapes pipeline; ``"world-video"``: its AnimateDiff
+    video generator), else the pipeline class a folder or
     hub id names in its ``model_index.json`` (SD, SDXL, SD3, Flux, Wan, …), loaded with ``from_pretrained``;
     progress bars off (samplers call it in loops).
 

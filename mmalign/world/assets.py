@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["ASSETS_DIR", "SAMPLER", "pipeline_path", "proxy_path", "preference_path", "load_pipeline", "load_proxy", "generate"]
+__all__ = ["ASSETS_DIR", "SAMPLER", "pipeline_path", "proxy_path", "preference_path", "video_pipeline_path",
+           "load_pipeline", "load_proxy", "load_video_pipeline", "generate"]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 #: Sampler settings of the shipped pipeline's reported gold scores (DDIM, its scheduler as saved).
@@ -42,6 +43,27 @@ def proxy_path() -> str:
 def preference_path() -> str:
     """Folder of the shipped preference proxy (the proxy's layout, weights fine-tuned on comparisons)."""
     return _folder("preference", "open_clip_config.json", "preference")
+
+
+def video_pipeline_path() -> str:
+    """Folder of the shipped video generator: its motion adapter, text encoder and tokenizer (the rest is the
+    image pipeline's, named in its ``video_pipeline.json``)."""
+    return _folder("video_pipeline", "video_pipeline.json", "video-generator")
+
+
+def load_video_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                        path: str | None = None):
+    """The shipped (or ``path``'s) video generator as a diffusers ``AnimateDiffPipeline`` on ``device``: the
+    folder's motion adapter, text encoder and tokenizer on the VAE, UNet and scheduler of the image pipeline
+    beside it (``../pipeline``), or of the shipped one when there is none there."""
+    from mmalign.config import check_device
+    from mmalign.world.video_generator import assemble_video_pipeline
+
+    check_device(device)
+    folder = Path(path or video_pipeline_path())
+    base = folder.parent / "pipeline"
+    return assemble_video_pipeline(folder, base if (base / "model_index.json").is_file() else pipeline_path(),
+                                   dtype).to(device)
 
 
 def load_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, path: str | None = None):

@@ -38,15 +38,17 @@ from mmalign.world.preference import PreferenceRecipe, build_preference, build_p
 from mmalign.world.proxy import ProxyRecipe, build_proxy, proxy_scores
 from mmalign.world.render import render_batch
 from mmalign.world.verify import verify_batch
+from mmalign.world.video_build import build_video
+from mmalign.world.video_generator import VideoGeneratorRecipe
 from mmalign.world.vlm import build_vlm
 
 __all__ = ["MODELS", "build", "evaluate", "folder_size", "reconstruction"]
 
 #: Buildable models and the asset folder each is saved to.
 MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference",
-                          "preference-ensemble": "preference_ensemble"}
-#: the models sampled from the generator and fine-tuned from the proxy: built here, after both
-_FROM_BOTH = ("preference", "preference-ensemble")
+                          "preference-ensemble": "preference_ensemble", "video-generator": "video_pipeline"}
+#: the models built on the generator (and the proxy): built here, after them
+_FROM_BOTH = ("preference", "preference-ensemble", "video-generator")
 #: members per label set of the preference ensembles (docs/overoptimization.md)
 ENSEMBLE_MEMBERS = 3
 REPORT = "build_report.json"
@@ -94,6 +96,9 @@ def _build_one(name: str, target: Path, recipes: dict, steps: int | None, progre
             folder, recipes["preference"], ENSEMBLE_MEMBERS, _sibling(target, "generator"), _sibling(target, "proxy"),
             progress,
         ),
+        "video-generator": lambda folder: build_video(folder, recipes["video"], _sibling(target, "generator"),
+                                                      progress, work=target.with_name(f".{target.name}.work"),
+                                                      evaluate_prompts=48 if steps is None else 2),
     }
     start, cpu = time.perf_counter(), time.process_time()
     result = _swap_in(builders[name], target)
@@ -148,7 +153,8 @@ def build(
         torch.set_num_threads(threads or cpus // processes)
     report: dict = {"load_average_start": os.getloadavg(), "processes": processes,
                     "threads": torch.get_num_threads(), "seconds": {}, "cpu_seconds": {}}
-    recipes = {"generator": GeneratorRecipe(), "proxy": ProxyRecipe(), "preference": PreferenceRecipe()}
+    recipes = {"generator": GeneratorRecipe(), "proxy": ProxyRecipe(), "preference": PreferenceRecipe(),
+               "video": VideoGeneratorRecipe()}
     if steps is not None:
         gen, proxy = recipes["generator"], recipes["proxy"]
         recipes["generator"] = replace(gen, vae_steps=steps, unet_steps=steps, warmup=1,
@@ -156,6 +162,7 @@ def build(
         recipes["proxy"] = replace(proxy, steps=steps, scenes=min(proxy.scenes, steps * proxy.batch))
         recipes["preference"] = replace(recipes["preference"], steps=steps, prompts=2, samples_per_prompt=2,
                                         num_inference_steps=2, prompts_per_step=2)
+        recipes["video"] = replace(recipes["video"], steps=steps, clips=16, batch=2, warmup=1)
     job = (recipes, steps, progress)
     start, ticks = time.perf_counter(), _cpu_ticks()
     pair_names = [n for n in names if n in ("generator", "proxy")]

@@ -1,0 +1,48 @@
+"""Video grids as GIFs: one GIF frame per video frame, each the image grid of that frame; a report on videos
+writes one beside grid.png."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageSequence
+
+from mmalign.eval.generator import GeneratorEval
+from mmalign.eval.grid import image_grid, save_video_grid
+from mmalign.eval.report import write_report
+from mmalign.media import MediaBatch
+
+
+def _videos(b: int = 3, t: int = 5) -> torch.Tensor:
+    return torch.rand((b, t, 3, 8, 8), generator=torch.Generator().manual_seed(0))
+
+
+def test_each_gif_frame_is_the_grid_of_that_frame(tmp_path):
+    videos, labels = _videos(), ["a", "b", "c"]
+    path = save_video_grid(videos, tmp_path / "grid.gif", labels, columns=3, ms=120)
+    gif = Image.open(path)
+    frames = [np.asarray(f.convert("RGB")) for f in ImageSequence.Iterator(gif)]
+    assert len(frames) == 5 and gif.info["duration"] == 120 and gif.info["loop"] == 0
+    for t, frame in enumerate(frames):
+        expected = np.asarray(image_grid(videos[:, t], labels, columns=3))
+        assert frame.shape == expected.shape
+        assert np.abs(frame.astype(int) - expected.astype(int)).mean() < 8  # GIF's 256-colour palette
+
+
+def test_save_video_grid_refuses_images(tmp_path):
+    with pytest.raises(ValueError, match="videos"):
+        save_video_grid(torch.rand(2, 3, 8, 8), tmp_path / "x.gif")
+
+
+def test_a_video_report_writes_the_gif(tmp_path):
+    videos = _videos(2, 4)
+    meta = [{"group": 0}, {"group": 1}]
+
+    def run(pixels, scores):
+        return GeneratorEval(MediaBatch(pixels, ["p", "q"], meta), {"reward": torch.tensor(scores)})
+
+    summary = write_report(tmp_path, run(videos, [0.1, 0.2]), run(videos.flip(1), [0.3, 0.4]), [])
+    assert summary["grid"] == "grid.png" and summary["grid_video"] == "grid.gif"
+    assert Image.open(tmp_path / "grid.gif").n_frames == 4
+    assert Image.open(tmp_path / "grid.png").size[0] > Image.open(tmp_path / "grid.gif").size[0]  # strips of frames

@@ -1,30 +1,8 @@
-"""Demo fixtures: the world generator and rewards loaded once, a tiny real training run folder, and a helper
-that serves a demo on a free localhost port for ``gradio_client`` or a browser."""
+"""Demo fixtures: the world generator and rewards loaded once, and a tiny real training run folder."""
 
 from __future__ import annotations
 
-import contextlib
-import socket
-
 import pytest
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def served(blocks, **settings):
-    """``blocks`` launched through ``mmalign.demos.launch`` on a free port; yields its local URL."""
-    from mmalign.demos.launch import LaunchSettings, launch
-
-    _, url, _ = launch(blocks, LaunchSettings(port=free_port(), **settings), prevent_thread_lock=True, quiet=True)
-    try:
-        yield url
-    finally:
-        blocks.close()
 
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("gradio")
 playwright = pytest.importorskip("playwright.sync_api")
 
-from conftest import served  # noqa: E402
+from demo_server import served  # noqa: E402
 
 from mmalign.demos.compare_demo import build_compare_demo  # noqa: E402
 from mmalign.demos.reno_demo import DEFAULT_REWARD, build_reno_demo  # noqa: E402

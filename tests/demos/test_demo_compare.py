@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("gradio")
 
 import torch  # noqa: E402
-from conftest import served  # noqa: E402
+from demo_server import served  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from mmalign.demos.compare_demo import build_compare_demo, load_run, summary_rows  # noqa: E402

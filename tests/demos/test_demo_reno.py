@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("gradio")
 
 import torch  # noqa: E402
-from conftest import served  # noqa: E402
+from demo_server import served  # noqa: E402
 from gradio_client import Client  # noqa: E402
 
 from mmalign.demos.reno_demo import DEFAULT_REWARD, build_reno_demo, live_reno  # noqa: E402

@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("gradio")
 
 import torch  # noqa: E402
-from conftest import served  # noqa: E402
+from demo_server import served  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
 from PIL import Image  # noqa: E402
 

@@ -76,7 +76,7 @@ def test_allowed_folders_and_their_images(tmp_path):
 
 def test_the_server_refuses_uploads_over_the_limit(tmp_path):
     pytest.importorskip("gradio")
-    from conftest import served
+    from demo_server import served
     from gradio_client import Client, handle_file
 
     from mmalign.demos.rewards_demo import build_rewards_demo
@@ -100,7 +100,7 @@ def test_files_are_served_only_from_the_allowed_folders(tmp_path):
     import urllib.error
     import urllib.request
 
-    from conftest import served
+    from demo_server import served
 
     from mmalign.demos.rewards_demo import build_rewards_demo
     from mmalign.rewards import build

@@ -359,3 +359,15 @@ def make_tiny_flux_pipeline(seed: int = 0, guidance_embeds: bool = True):
     pipe.default_sample_size = 8  # 16 px: latents 8×8, as pipe(...) makes them by default
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def attach_random_lora(adapter) -> None:
+    """Rank-2 LoRA on the adapter's default targets with random B (a fresh adapter's B is zero, so its export
+    would be indistinguishable from none)."""
+    from mmalign.trainers.lora import LoRAConfig, attach_lora
+
+    attach_lora(adapter.denoiser, LoRAConfig(rank=2, alpha=4), adapter.lora_targets)
+    with torch.no_grad():
+        for name, p in adapter.denoiser.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_flux_pipeline, make_tiny_sd3_pipeline
+from tiny_models import attach_random_lora, make_tiny_flux_pipeline, make_tiny_sd3_pipeline
 
 from mmalign.models.flow_sde import FlowSDEPolicy
 from mmalign.models.flux import FluxAdapter
 from mmalign.models.pipelines import adapter_for
 from mmalign.models.rollout import sample_trajectories, trajectory_log_probs
 from mmalign.models.sd3 import SD3Adapter
-from mmalign.trainers.lora import LoRAConfig, attach_lora
 
 PROMPTS = ["a red circle", "two blue squares"]
 #: name → (builder, pipeline call options of the same guidance the adapter applies at scale 2)
@@ -114,18 +113,10 @@ def test_bf16_rollout_keeps_fp32_latents_and_finite_log_probs(name):
     assert trajectory.latents.dtype == torch.float32 and torch.isfinite(trajectory.log_probs).all()
 
 
-def _with_random_lora(adapter):
-    attach_lora(adapter.denoiser, LoRAConfig(rank=2, alpha=4), adapter.lora_targets)
-    with torch.no_grad():
-        for param_name, p in adapter.denoiser.named_parameters():
-            if "lora_B" in param_name:
-                p.normal_(0, 0.1)
-
-
 @pytest.mark.parametrize("name", ["sd3", "flux-dev"])
 def test_lora_export_loads_with_diffusers_and_reproduces_the_output(name, tmp_path):
     adapter = _adapter(name)
-    _with_random_lora(adapter)
+    attach_random_lora(adapter)
     wrapped = {n.split(".")[-2] for n, _ in adapter.denoiser.named_modules() if n.endswith(".lora_A")}
     assert {"to_q", "add_q_proj", "to_add_out"} <= wrapped  # both streams of the MMDiT blocks
     embeds = adapter.encode_prompts(PROMPTS)
@@ -148,7 +139,7 @@ def test_lora_export_loads_with_diffusers_and_reproduces_the_output(name, tmp_pa
 @pytest.mark.parametrize("name", ["sd3", "flux-dev"])
 def test_gradient_checkpointing_gives_the_same_gradients(name):
     adapter = _adapter(name)
-    _with_random_lora(adapter)
+    attach_random_lora(adapter)
     embeds = adapter.encode_prompts(PROMPTS)
     x = torch.randn((2, *adapter.latent_shape), generator=torch.Generator().manual_seed(0))
     t = adapter.make_policy(3, 0.7).timesteps[1]

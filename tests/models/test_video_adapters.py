@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import (
+    attach_random_lora,
     make_tiny_animatediff_pipeline,
     make_tiny_text_to_video_pipeline,
     make_tiny_wan_pipeline,
@@ -156,18 +157,10 @@ def test_wan_follows_a_unipc_flow_schedule():
     assert policy.sigmas[0] < 1 and policy.sigmas[-1] == 0 and torch.isfinite(torch.tensor(policy.stds)).all()
 
 
-def _with_random_lora(adapter):
-    attach_lora(adapter.denoiser, LoRAConfig(rank=2, alpha=4), adapter.lora_targets)
-    with torch.no_grad():
-        for name, p in adapter.denoiser.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
-
-
 @pytest.mark.parametrize("family", ["animatediff", "wan"])
 def test_lora_export_loads_with_diffusers_and_reproduces_the_output(family, tmp_path):
     adapter = _adapter(family)
-    _with_random_lora(adapter)
+    attach_random_lora(adapter)
     wrapped = {n for n, _ in adapter.denoiser.named_modules() if n.endswith(".lora_A")}
     if family == "animatediff":  # spatial attention and the motion modules' temporal attention
         assert any("motion_modules" in n for n in wrapped) and any(".attentions." in n for n in wrapped)
@@ -199,7 +192,7 @@ def test_unet3d_refuses_lora_with_a_clear_error():
 def test_gradients_reach_the_denoiser_through_video_decoding():
     """``sample_with_grad`` on 5-D latents (per-sample truncation) and the Wan VAE: a pixel loss has LoRA gradients."""
     adapter = _adapter("wan")
-    _with_random_lora(adapter)
+    attach_random_lora(adapter)
     policy = adapter.make_policy(3, 0.7)
     noise = torch.randn((2, *adapter.latent_shape), generator=torch.Generator().manual_seed(0))
     out = sample_with_grad(adapter, policy, PROMPTS, noise, torch.Generator().manual_seed(1),

@@ -179,3 +179,30 @@ def test_the_shipped_video_generator_loads_by_name_and_through_the_cli(tmp_path,
     assert args.func(args) == 0
     assert "(drawn by the video generator)" in capsys.readouterr().out
     assert Image.open(out).n_frames == 4
+
+
+def test_the_evaluation_against_a_pipeline_that_renders_its_captions():
+    """A 'pipeline' that returns the clips' own renders scores the renders' gold, loses it against shuffled
+    captions, and passes motion only for the stated direction among the four."""
+    from types import SimpleNamespace
+
+    from mmalign.world.video import render_videos, verify_videos
+    from mmalign.world.video_build import evaluate_video_generator
+
+    class Renderer:
+        def __call__(self, prompts, num_frames, **_):
+            picked = [next(c for c in self.clips if c.text == p) for p in prompts]
+            return SimpleNamespace(frames=render_videos(picked, num_frames, jitter=1.0, seed=0))
+
+    renderer = Renderer()
+    renderer.clips = video_prompt_set("heldout", 6, seed=3)
+    report = evaluate_video_generator(renderer, prompts=6, seed=3, splits=("heldout",))["heldout"]
+    clips = renderer.clips
+    expected = verify_videos(render_videos(clips, 8, jitter=1.0, seed=0), [c.scene for c in clips],
+                             [c.motion for c in clips])
+    assert report["gold_mean"] == round(sum(r.score for r in expected) / 6, 4) == 1.0
+    assert report["gold_shuffled_captions"] < 0.8
+    stated = [c.motion.direction for c in clips]
+    for direction, rate in report["motion_if_stated"].items():
+        groups = [d for c, d in zip(clips, stated) for _ in {(o.colour, o.shape) for o in c.scene.objects}]
+        assert rate == round(sum(d == direction for d in groups) / len(groups), 4)

@@ -126,12 +126,6 @@ def make_motion_adapter(unet, recipe: VideoGeneratorRecipe):
                          motion_max_seq_length=max(32, recipe.frames))
 
 
-def _clips(recipe: VideoGeneratorRecipe):
-    """The training clips: their captions, and the clips to render."""
-    clips = video_prompt_set("train", recipe.clips, recipe.seed)
-    return [c.text for c in clips], clips
-
-
 def train_motion(image_pipe, recipe: VideoGeneratorRecipe, progress: bool = True, checkpoint: Path | None = None,
                  monitor=None, monitor_every: int = 250):
     """Train a motion adapter and the new word embeddings on train clips; returns the ``AnimateDiffPipeline``.
@@ -157,8 +151,8 @@ def train_motion(image_pipe, recipe: VideoGeneratorRecipe, progress: bool = True
     trained = {**{f"unet.{n}": p for n, p in motion.items()}, "text_encoder.embedding": embedding}
     ema = {k: v.detach().clone() for k, v in trained.items()}
     vae, scheduler = image_pipe.vae, image_pipe.scheduler
-    texts, clips = _clips(recipe)
-    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+    clips = video_prompt_set("train", recipe.clips, recipe.seed)
+    ids = tokenizer([c.text for c in clips], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
     opt = torch.optim.AdamW([{"params": list(motion.values()), "weight_decay": 1e-2},

@@ -331,6 +331,22 @@ def save_pipeline(folder: str | Path, vae, text_encoder, tokenizer, unet) -> Pat
     return Path(folder)
 
 
+def work_folder(work: str | Path | None, recipe, what: str, progress: bool) -> Path | None:
+    """``work`` ready to resume a build of ``recipe`` (a dataclass): kept when it holds this recipe's checkpoints,
+    cleared when another recipe's (a checkpoint of other settings must not be resumed); None stays None."""
+    if work is None:
+        return None
+    work = Path(work)
+    signature = json.dumps(asdict(recipe), sort_keys=True)
+    if (work / "recipe.json").is_file() and (work / "recipe.json").read_text() != signature:
+        if progress:
+            print(f"{work}: left by another recipe; starting {what} afresh")
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "recipe.json").write_text(signature)
+    return work
+
+
 def build_generator(folder: str | Path, recipe: GeneratorRecipe | None = None, progress: bool = True,
                     work: str | Path | None = None) -> Path:
     """Train every part from the fixed seeds and save the pipeline into ``folder``.
@@ -341,15 +357,7 @@ def build_generator(folder: str | Path, recipe: GeneratorRecipe | None = None, p
     """
     recipe = recipe or GeneratorRecipe()
     folder = Path(folder)
-    if work is not None:
-        work = Path(work)
-        signature = json.dumps(asdict(recipe), sort_keys=True)
-        if (work / "recipe.json").is_file() and (work / "recipe.json").read_text() != signature:
-            if progress:
-                print(f"{work}: left by another recipe; starting the generator afresh")
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "recipe.json").write_text(signature)
+    work = work_folder(work, recipe, "the generator", progress)
     save_tokenizer(folder / "tokenizer", vocabulary(), MAX_TOKENS)
     tokenizer = load_tokenizer(folder / "tokenizer")
     images, captions, _ = world_pairs(recipe.scenes, "train", recipe.seed)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from mmalign.files import write_text_atomic
 from mmalign.world.captions import vocabulary
-from mmalign.world.generator import IMAGE_SIZE, MAX_TOKENS, _lr_lambda, _Resumable, _train
+from mmalign.world.generator import IMAGE_SIZE, MAX_TOKENS, _lr_lambda, _Resumable, _train, work_folder
 from mmalign.world.tokenizer import load_tokenizer, save_tokenizer
 from mmalign.world.video import DIRECTIONS, render_videos, video_prompt_set
 
@@ -286,17 +286,8 @@ def build_video_generator(folder: str | Path, image_pipe, base: str, recipe: Vid
     the same recipe; a work folder left by another recipe is cleared. It is removed once the folder is saved.
     """
     recipe = recipe or VideoGeneratorRecipe()
-    checkpoint = None
-    if work is not None:
-        work = Path(work)
-        signature = json.dumps(asdict(recipe), sort_keys=True)
-        if (work / "recipe.json").is_file() and (work / "recipe.json").read_text() != signature:
-            if progress:
-                print(f"{work}: left by another recipe; starting the video generator afresh")
-            shutil.rmtree(work)
-        work.mkdir(parents=True, exist_ok=True)
-        (work / "recipe.json").write_text(signature)
-        checkpoint = work / "motion.pt"
+    work = work_folder(work, recipe, "the video generator", progress)
+    checkpoint = work / "motion.pt" if work is not None else None
     pipe = train_motion(image_pipe, recipe, progress, checkpoint, monitor, monitor_every)
     save_video_pipeline(folder, pipe, base)
     if work is not None:

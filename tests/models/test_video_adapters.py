@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_models import (
+    assert_lora_export_reproduces,
     attach_random_lora,
     make_tiny_animatediff_pipeline,
     make_tiny_text_to_video_pipeline,
@@ -166,21 +167,7 @@ def test_lora_export_loads_with_diffusers_and_reproduces_the_output(family, tmp_
         assert any("motion_modules" in n for n in wrapped) and any(".attentions." in n for n in wrapped)
     else:  # self- and cross-attention of every block
         assert {n.split(".")[2] for n in wrapped} == {"attn1", "attn2"}
-    embeds = adapter.encode_prompts(PROMPTS)
-    x = torch.randn((2, *adapter.latent_shape), generator=torch.Generator().manual_seed(0))
-    t = adapter.make_policy(3, ETA[family]).timesteps[1]
-    with torch.no_grad():
-        trained = adapter.model_output(adapter.denoiser, x, t, embeds)
-    adapter.export_lora(adapter.denoiser, tmp_path / "lora")
-
-    fresh = _adapter(family)
-    with torch.no_grad():
-        base = fresh.model_output(fresh.denoiser, x, t, embeds)
-    fresh.pipeline.load_lora_weights(tmp_path / "lora")
-    with torch.no_grad():
-        loaded = fresh.model_output(fresh.denoiser, x, t, embeds)
-    assert (trained - base).abs().max() > 1e-3  # the adapters matter …
-    torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # … and load back as trained
+    assert_lora_export_reproduces(adapter, _adapter(family), ETA[family], tmp_path / "lora")
 
 
 def test_unet3d_refuses_lora_with_a_clear_error():

@@ -214,8 +214,8 @@ def save_grids(
 ) -> Path:
     """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image:
     the first sample of each of the first ``limit`` prompts (``metadata["group"]``), or the first ``limit``
-    samples when the samples carry no group. Videos are shown as strips of frames, and also played in
-    ``grid.gif`` beside ``path`` (the same grid, one GIF frame per video frame)."""
+    samples when the samples carry no group. Videos are shown as strips of frames, one clip a row with before on
+    the left, and also played in ``grid.gif`` beside ``path`` (the same grid, one GIF frame per video frame)."""
     from mmalign.eval.grid import image_grid, save_video_grid
 
     first_of_group: dict[object, int] = {}
@@ -229,9 +229,11 @@ def save_grids(
         for i in picked:
             score = f"\n{label_key} {float(run.scores[label_key][i]):.2f}" if label_key in run.scores else ""
             labels.append(f"{tag}: {run.batch.prompts[i]}{score}")
-    image_grid(images, labels, columns=len(picked)).save(path)
-    if images.ndim == 5:
-        save_video_grid(images, Path(path).with_suffix(".gif"), labels, columns=len(picked))
+    if images.ndim == 5:  # a strip is four frames wide: one clip a row, before beside after
+        order = torch.arange(len(images)).view(2, -1).T.flatten()
+        images, labels = images[order], [labels[i] for i in order.tolist()]
+        save_video_grid(images, Path(path).with_suffix(".gif"), labels, columns=2)
+    image_grid(images, labels, columns=2 if images.ndim == 5 else len(picked)).save(path)
     return Path(path)
 
 

@@ -46,3 +46,12 @@ def test_a_video_report_writes_the_gif(tmp_path):
     assert summary["grid"] == "grid.png" and summary["grid_video"] == "grid.gif"
     assert Image.open(tmp_path / "grid.gif").n_frames == 4
     assert Image.open(tmp_path / "grid.png").size[0] > Image.open(tmp_path / "grid.gif").size[0]  # strips of frames
+    # one clip a row, before beside after: frame 0 of the GIF is clip 0's and 1's first frames before | after
+    after = videos.flip(1)
+    first = torch.stack([videos[0, 0], after[0, 0], videos[1, 0], after[1, 0]])
+    labels = ["before: p\nreward 0.10", "after: p\nreward 0.30", "before: q\nreward 0.20", "after: q\nreward 0.40"]
+    expected = np.asarray(image_grid(first, labels, columns=2))
+    gif = Image.open(tmp_path / "grid.gif")
+    gif.seek(0)
+    frame = np.asarray(gif.convert("RGB"))
+    assert frame.shape == expected.shape and np.abs(frame.astype(int) - expected.astype(int)).mean() < 8

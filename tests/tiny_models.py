@@ -390,3 +390,17 @@ def assert_lora_export_reproduces(adapter, fresh, eta: float, folder) -> None:
         loaded = fresh.model_output(fresh.denoiser, x, t, embeds)
     assert (trained - base).abs().max() > 1e-3  # the adapters matter …
     torch.testing.assert_close(loaded, trained, rtol=1e-5, atol=1e-5)  # … and load back as trained
+
+
+def train_and_check(trainer) -> dict:
+    """``trainer.setup()`` and ``train()``; its loss and mean reward must be finite and its trained weights
+    must have moved. Returns the metrics."""
+    import math
+
+    trainer.setup()
+    before = {n: p.detach().clone() for n, p in trainer.loop.raw_denoiser.named_parameters() if p.requires_grad}
+    metrics = trainer.train()
+    after = dict(trainer.loop.raw_denoiser.named_parameters())
+    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["reward/mean"])
+    assert any(not torch.equal(after[n], p) for n, p in before.items())  # the trained weights moved
+    return metrics

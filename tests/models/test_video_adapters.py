@@ -15,6 +15,7 @@ from tiny_models import (
     make_tiny_animatediff_pipeline,
     make_tiny_text_to_video_pipeline,
     make_tiny_wan_pipeline,
+    train_and_check,
 )
 
 from mmalign.eval.generator import load_generator
@@ -208,23 +209,13 @@ def _trainer(algorithm, family, out, epochs=1, report=False, **overrides):
     return trainer_class(config, pipeline=FAMILIES[family][0](), progress=False)
 
 
-def _train(trainer):
-    trainer.setup()
-    before = {n: p.detach().clone() for n, p in trainer.loop.raw_denoiser.named_parameters() if p.requires_grad}
-    metrics = trainer.train()
-    after = dict(trainer.loop.raw_denoiser.named_parameters())
-    assert math.isfinite(metrics["loss"]) and math.isfinite(metrics["reward/mean"])
-    assert any(not torch.equal(after[n], p) for n, p in before.items())  # the trained weights moved
-    return metrics
-
-
 @pytest.mark.parametrize("algorithm, family", [("prdp", "animatediff"), ("grpo", "wan"), ("nft", "wan"),
                                                ("backprop", "animatediff")])
 def test_each_trainer_trains_an_epoch_on_videos(tmp_path, tiny_open_clip_dir, algorithm, family):
     """GRPO's reward is subject consistency (a tiny CLIP's frame embeddings), the others' per-frame rewards."""
     consistency = {"name": "temporal_consistency", "model": str(tiny_open_clip_dir), "pretrained": None}
     trainer = _trainer(algorithm, family, tmp_path / "run", **({"reward": [consistency]} if algorithm == "grpo" else {}))
-    _train(trainer)
+    train_and_check(trainer)
     trainer.cleanup()
 
 
@@ -234,7 +225,7 @@ def test_each_trainer_trains_an_epoch_on_videos(tmp_path, tiny_open_clip_dir, al
 def test_every_trainer_on_every_video_family(tmp_path, algorithm, family):
     lora = {} if family != "text-to-video" else {"lora": None, "learning_rate": 1e-5}
     trainer = _trainer(algorithm, family, tmp_path / "run", **lora)
-    _train(trainer)
+    train_and_check(trainer)
     trainer.cleanup()
 
 
@@ -262,7 +253,7 @@ def test_a_full_fine_tune_of_unet3d_reports_videos_and_exports_the_pipeline(tmp_
     from PIL import Image
 
     trainer = _trainer("prdp", "text-to-video", tmp_path / "run", report=True, lora=None, learning_rate=1e-4)
-    _train(trainer)
+    train_and_check(trainer)
     summary = trainer.report()
     out = trainer.export()
     loop = trainer.loop

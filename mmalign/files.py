@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_atomic", "write_text_atomic"]
+__all__ = ["folder_size", "write_atomic", "write_text_atomic"]
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
@@ -52,3 +52,8 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
         path.unlink()
+
+
+def folder_size(folder: str | os.PathLike) -> int:
+    """Bytes of all files under ``folder``."""
+    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())

@@ -31,6 +31,7 @@ import torch
 
 from mmalign.eval.agreement import agreement
 from mmalign.eval.best_of_k import variance_components
+from mmalign.files import folder_size
 from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.generator import IMAGE_SIZE, GeneratorRecipe, build_generator
@@ -42,7 +43,7 @@ from mmalign.world.video_build import build_video
 from mmalign.world.video_generator import VideoGeneratorRecipe
 from mmalign.world.vlm import build_vlm
 
-__all__ = ["MODELS", "build", "evaluate", "folder_size", "reconstruction"]
+__all__ = ["MODELS", "build", "evaluate", "reconstruction"]
 
 #: Buildable models and the asset folder each is saved to.
 MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference",
@@ -52,11 +53,6 @@ _FROM_BOTH = ("preference", "preference-ensemble", "video-generator")
 #: members per label set of the preference ensembles (docs/overoptimization.md)
 ENSEMBLE_MEMBERS = 3
 REPORT = "build_report.json"
-
-
-def folder_size(folder: str | Path) -> int:
-    """Bytes of all files under ``folder``."""
-    return sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
 
 
 def _swap_in(build_fn, target: Path):

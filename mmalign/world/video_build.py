@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from mmalign.files import folder_size, write_text_atomic
 from mmalign.world.assets import load_pipeline, pipeline_path
 from mmalign.world.generator import IMAGE_SIZE
 from mmalign.world.video import DIRECTIONS, MOTION_KINDS, render_videos, verify_videos, video_prompt_set
@@ -112,6 +113,6 @@ def build_video(folder: str | Path, recipe: VideoGeneratorRecipe, base: str | Pa
         evaluation_start = time.perf_counter()
         report["evaluation"] = evaluate_video_generator(pipe, evaluate_prompts, **VIDEO_SAMPLER)
         report["evaluation_seconds"] = round(time.perf_counter() - evaluation_start, 1)
-    report["size_bytes"] = sum(f.stat().st_size for f in Path(folder).rglob("*") if f.is_file())
-    (Path(folder) / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    report["size_bytes"] = folder_size(folder)
+    write_text_atomic(Path(folder) / "build_report.json", json.dumps(report, indent=2) + "\n")
     return report

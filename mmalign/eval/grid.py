@@ -12,12 +12,13 @@ import functools
 import textwrap
 import unicodedata
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["filmstrips", "image_grid", "label_font", "save_video_grid"]
+__all__ = ["filmstrips", "image_grid", "label_font", "mp4_available", "save_video_grid"]
 
 _PAD = 4
 #: the height up to which small images are enlarged (nearest neighbour)
@@ -101,11 +102,36 @@ def image_grid(
 
 def save_video_grid(videos: torch.Tensor, path, labels: Sequence[str] | None = None, columns: int = 4,
                     scale: int = 4, ms: int = 200):
-    """An animated GIF of ``videos`` ``(B, T, 3, H, W)`` in [0, 1] (Pillow's writer, looping): GIF frame ``t`` is
-    the ``image_grid`` of every video's frame ``t``, labels under each. Returns the path."""
+    """``videos`` ``(B, T, 3, H, W)`` in [0, 1] played as one sheet: frame ``t`` is the ``image_grid`` of every
+    video's frame ``t``, labels under each. ``path`` ending ``.gif``: a looping GIF (Pillow); ``.mp4``: H.264 at
+    ``1000 / ms`` frames a second (diffusers' ``export_to_video``, which needs ``mmalign[video]``), the sheet padded
+    white to a multiple of 16 pixels so that the encoder does not rescale it. Returns the path."""
     if not isinstance(videos, torch.Tensor) or videos.ndim != 5 or videos.shape[2] != 3:
         got = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
         raise ValueError(f"videos: expected a (B, T, 3, H, W) tensor, got {got}")
+    suffix = Path(path).suffix.lower()
+    if suffix not in (".gif", ".mp4"):
+        raise ValueError(f"path: expected a .gif or .mp4 file name, got {str(path)!r}")
     sheets = [image_grid(videos[:, t], labels, columns, scale) for t in range(videos.shape[1])]
-    sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=ms, loop=0)
+    if suffix == ".gif":
+        sheets[0].save(path, save_all=True, append_images=sheets[1:], duration=ms, loop=0)
+        return path
+    if not mp4_available():
+        raise ImportError('writing MP4 needs imageio and imageio-ffmpeg: pip install "mmalign[video]"')
+    from diffusers.utils import export_to_video
+
+    width, height = (-(-side // 16) * 16 for side in sheets[0].size)
+    padded = []
+    for sheet in sheets:
+        canvas = Image.new("RGB", (width, height), "white")
+        canvas.paste(sheet, (0, 0))
+        padded.append(canvas)
+    export_to_video(padded, str(path), fps=1000 / ms)
     return path
+
+
+def mp4_available() -> bool:
+    """Whether ``save_video_grid`` can write MP4 here (imageio and its ffmpeg binary are installed)."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in ("imageio", "imageio_ffmpeg"))

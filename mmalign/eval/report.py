@@ -10,6 +10,7 @@ from typing import Any, Literal
 import torch
 
 from mmalign.eval.generator import GeneratorEval, mean_ci
+from mmalign.eval.grid import mp4_available
 from mmalign.files import write_text_atomic
 
 __all__ = [
@@ -215,7 +216,8 @@ def save_grids(
     """Before (top row) and after (bottom row) for the same prompts and seeds, with the score under each image:
     the first sample of each of the first ``limit`` prompts (``metadata["group"]``), or the first ``limit``
     samples when the samples carry no group. Videos are shown as strips of frames, one clip a row with before on
-    the left, and also played in ``grid.gif`` beside ``path`` (the same grid, one GIF frame per video frame)."""
+    the left, and also played in ``grid.gif`` beside ``path`` (the same grid, one GIF frame per video frame) and in
+    ``grid.mp4`` where ``mmalign[video]`` is installed."""
     from mmalign.eval.grid import image_grid, save_video_grid
 
     first_of_group: dict[object, int] = {}
@@ -233,6 +235,8 @@ def save_grids(
         order = torch.arange(len(images)).view(2, -1).T.flatten()
         images, labels = images[order], [labels[i] for i in order.tolist()]
         save_video_grid(images, Path(path).with_suffix(".gif"), labels, columns=2)
+        if mp4_available():
+            save_video_grid(images, Path(path).with_suffix(".mp4"), labels, columns=2)
     image_grid(images, labels, columns=2 if images.ndim == 5 else len(picked)).save(path)
     return Path(path)
 
@@ -252,7 +256,8 @@ def write_report(
     ``paired_change`` gives the mean and 95% CI of the per-sample differences: far narrower than the two
     separate intervals, and the one to read when asking whether training moved a score. The grid shows the
     first sample of each of the first ``limit`` prompts (none for 0), videos as strips of frames and also played
-    in ``grid.gif`` (``summary["grid_video"]``); the curves run against ``x`` (``epoch`` or ``step``).
+    in ``grid.gif`` (``summary["grid_video"]``) and, with ``mmalign[video]``, ``grid.mp4`` (``summary["grid_mp4"]``,
+    else None); the curves run against ``x`` (``epoch`` or ``step``).
 
     When both carry per-prompt diversity (``GeneratorEval.add_diversity``), its columns join ``before``,
     ``after``, ``change`` and ``paired_change`` (paired over prompts; ``n`` counts prompts), the per-prompt
@@ -279,6 +284,7 @@ def write_report(
     summary["grid"] = save_grids(before, after, run_dir / "grid.png", label, limit).name if limit else None
     if limit and before.batch.pixels.ndim == 5:
         summary["grid_video"] = "grid.gif"
+        summary["grid_mp4"] = "grid.mp4" if mp4_available() else None
     write_text_atomic(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")  # last: it marks the report done
     return summary
 

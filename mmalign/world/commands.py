@@ -85,8 +85,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from PIL import Image
-
+    from mmalign.eval.grid import save_video_grid
     from mmalign.world.video import render_video, verify_video, video_prompt_set, video_scene_from_prompt
 
     if args.prompt is not None:
@@ -94,8 +93,8 @@ def _cmd_video(args: argparse.Namespace) -> int:
     else:
         clip = video_prompt_set(args.split, 1, args.seed)[0]
         scene, motion, text = clip.scene, clip.motion, clip.text
-    if Path(args.out).suffix.lower() != ".gif":
-        raise ValueError(f"--out: expected a .gif file name such as clip.gif, got {args.out!r}")
+    if Path(args.out).suffix.lower() not in (".gif", ".mp4"):
+        raise ValueError(f"--out: expected a .gif or .mp4 file name such as clip.gif, got {args.out!r}")
     if args.generate:  # the shipped video generator draws the clip
         from mmalign.world.assets import load_video_pipeline
         from mmalign.world.video_build import sample_videos
@@ -103,14 +102,11 @@ def _cmd_video(args: argparse.Namespace) -> int:
         video = sample_videos(load_video_pipeline(), [text], args.seed, args.frames, args.steps, args.guidance)[0]
     else:
         video = render_video(scene, motion, args.frames, args.size, args.jitter, args.seed)
-    scale = max(1, 128 // video.shape[-1])
-    frames = [Image.fromarray((f.permute(1, 2, 0) * 255).round().byte().numpy()).resize(
-        (video.shape[-1] * scale,) * 2, Image.NEAREST) for f in video]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    frames[0].save(args.out, save_all=True, append_images=frames[1:], duration=args.ms, loop=0)
+    save_video_grid(video[None], args.out, columns=1, scale=max(1, 128 // video.shape[-1]), ms=args.ms)
     result = verify_video(video, scene, motion)
     failed = [name for name, value in result.checks.items() if value < 1]
-    print(f"wrote {len(frames)} frames of {text!r} to {args.out}; gold {result.score:.2f}"
+    print(f"wrote {len(video)} frames of {text!r} to {args.out}; gold {result.score:.2f}"
           + (f" (not always passed: {', '.join(failed)})" if failed else "")
           + (" (drawn by the video generator)" if args.generate else ""))
     return 0
@@ -191,7 +187,7 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     video.add_argument("--jitter", type=float, default=0.0)
     video.add_argument("--ms", type=positive_int, default=120, help="milliseconds per frame")
     video.add_argument("--seed", type=int, default=0)
-    video.add_argument("--out", default="clip.gif", help="output GIF")
+    video.add_argument("--out", default="clip.gif", help="output .gif, or .mp4 with mmalign[video]")
     video.add_argument("--generate", action="store_true",
                        help="draw the clip with the shipped video generator instead of rendering it (--size is 32)")
     video.add_argument("--steps", type=positive_int, default=20, help="--generate: DDIM steps")

@@ -134,6 +134,7 @@ def test_bad_inputs_are_named(videos):
 
 def test_world_video_command_writes_a_gif(tmp_path, capsys):
     import argparse
+    import importlib.util
 
     from PIL import Image
 
@@ -147,6 +148,12 @@ def test_world_video_command_writes_a_gif(tmp_path, capsys):
     assert args.func(args) == 0
     assert "wrote 5 frames of 'two blue squares moving up'" in capsys.readouterr().out
     assert Image.open(out).n_frames == 5
+    if importlib.util.find_spec("imageio_ffmpeg"):
+        import imageio
+
+        args = parser.parse_args(["world", "video", "--frames", "3", "--out", str(tmp_path / "clip.mp4")])
+        assert args.func(args) == 0
+        assert sum(1 for _ in imageio.get_reader(tmp_path / "clip.mp4")) == 3
     args = parser.parse_args(["world", "video", "--out", str(tmp_path / "clip.png")])
-    with pytest.raises(ValueError, match="--out: expected a .gif file name"):
+    with pytest.raises(ValueError, match="--out: expected a .gif or .mp4 file name"):
         args.func(args)

@@ -196,10 +196,12 @@ def _cmd_eval_generator(args: argparse.Namespace) -> int:
     from mmalign.prompts import PromptSource, load_prompts
 
     adapter, policy, sampler = load_generator(args.run, args.pipeline, args.device, args.steps, args.eta,
-                                              args.guidance_scale)
+                                              args.guidance_scale, args.frames)
     steps, eta, guidance, pipeline_name = (sampler[k] for k in ("num_steps", "eta", "guidance_scale", "pipeline"))
-    source = PromptSource(file=args.prompts) if args.prompts else PromptSource(world=args.split, n=args.n, seed=args.prompt_seed)
-    rewards = build_rewards([_parse_reward(r) for r in args.reward or ["gold"]], args.device)
+    video = pipeline_name == "world-video"  # its captions state motion, and gold_video judges its clips
+    world = {"world_video" if video else "world": args.split, "n": args.n, "seed": args.prompt_seed}
+    source = PromptSource(file=args.prompts) if args.prompts else PromptSource(**world)
+    rewards = build_rewards([_parse_reward(r) for r in args.reward or ["gold_video" if video else "gold"]], args.device)
     result = evaluate_generator(
         adapter, policy,
         load_prompts(source), rewards, args.samples_per_prompt, args.seed, progress=not args.quiet,
@@ -274,7 +276,7 @@ def _diversity_encoder(text: str | None, pipeline: str | None, rewards: dict, de
             return None, None
         spec = _parse_reward(text)
         return image_encoder(build(spec).to(device)), spec
-    if pipeline == "world":
+    if pipeline in ("world", "world-video"):
         return image_encoder(build("proxy").to(device)), "proxy"
     for name, reward in rewards.items():
         try:
@@ -552,13 +554,17 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/architecture.md, Diversity).",
     )
     generator.add_argument("--run", help="training run folder (its config, base pipeline and exported weights)")
-    generator.add_argument("--pipeline", help="'world', a hub id or a pipeline folder")
-    generator.add_argument("--split", choices=["train", "heldout"], default="heldout", help="world prompt split")
+    generator.add_argument("--pipeline", help="'world', 'world-video', a hub id or a pipeline folder")
+    generator.add_argument("--split", choices=["train", "heldout"], default="heldout",
+                           help="world prompt split (the video captions for world-video)")
     generator.add_argument("--n", type=positive_int, default=64, help="world prompts")
     generator.add_argument("--prompt-seed", type=int, default=1)
     generator.add_argument("--prompts", help="prompt file (.txt or .jsonl) instead of the world")
     generator.add_argument("--samples-per-prompt", type=positive_int, default=4)
-    generator.add_argument("--reward", action="append", help="reward name or JSON spec; default: gold")
+    generator.add_argument("--reward", action="append",
+                           help="reward name or JSON spec; default: gold (gold_video for world-video)")
+    generator.add_argument("--frames", type=positive_int,
+                           help="frames of each clip, video pipelines only (default: the run's, else the pipeline's)")
     generator.add_argument("--steps", type=positive_int, help="DDIM steps (default: the run's, else 20)")
     generator.add_argument("--eta", type=float, help="DDIM η (default: the run's, else 1)")
     generator.add_argument("--guidance-scale", type=float, help="CFG scale (default: the run's, else 5)")

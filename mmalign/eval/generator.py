@@ -148,10 +148,12 @@ def load_run_pipeline(run_dir: str | Path):
 
 
 def load_generator(run: str | Path | None = None, pipeline: str | None = None, device: str = "cpu",
-                   num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None):
+                   num_steps: int | None = None, eta: float | None = None, guidance_scale: float | None = None,
+                   num_frames: int | None = None):
     """``(adapter, policy, settings)`` of a training run's result or a pipeline ('world', a hub id, a folder),
-    on ``device``: each sampler setting given, else the run's, else ``DEFAULT_SAMPLER``'s. ``settings`` holds
-    them and the ``pipeline`` name (the run's base for a run)."""
+    on ``device``: each sampler setting given, else the run's, else ``DEFAULT_SAMPLER``'s. ``num_frames`` (video
+    pipelines only) overrides the run's frame count, else the pipeline's default. ``settings`` holds them and the
+    ``pipeline`` name (the run's base for a run)."""
     from mmalign.models.pipelines import adapter_for, load_pipeline
 
     if (run is None) == (pipeline is None):
@@ -164,6 +166,8 @@ def load_generator(run: str | Path | None = None, pipeline: str | None = None, d
         video = {k: v for k, v in (run_config.get("video") or {}).items() if v is not None}  # the run's frames
     else:
         pipe, sampler, name = load_pipeline(pipeline), {}, pipeline
+    if num_frames is not None:
+        video["num_frames"] = num_frames
     given = {"num_steps": num_steps, "eta": eta, "guidance_scale": guidance_scale}
     settings = {k: v if v is not None else sampler.get(k, DEFAULT_SAMPLER[k]) for k, v in given.items()}
     adapter = adapter_for(pipe.to(device), settings["guidance_scale"], **video)

@@ -206,3 +206,29 @@ def test_the_evaluation_against_a_pipeline_that_renders_its_captions():
     for direction, rate in report["motion_if_stated"].items():
         groups = [d for c, d in zip(clips, stated) for _ in {(o.colour, o.shape) for o in c.scene.objects}]
         assert rate == round(sum(d == direction for d in groups) / len(groups), 4)
+
+
+def test_eval_generator_on_the_world_video_pipeline(tmp_path, capsys):
+    """`mmalign eval generator --pipeline world-video` samples video captions at --frames and scores them with
+    gold_video by default: the same figures as evaluate_generator on an adapter built by hand."""
+    from mmalign.cli import main
+    from mmalign.eval.generator import evaluate_generator
+    from mmalign.eval.scoring import build_rewards
+    from mmalign.models.pipelines import adapter_for
+    from mmalign.models.pipelines import load_pipeline as load_named
+    from mmalign.prompts import PromptSource, load_prompts
+
+    out = tmp_path / "eval.json"
+    assert main(["eval", "generator", "--pipeline", "world-video", "--n", "2", "--samples-per-prompt", "1",
+                 "--steps", "2", "--frames", "3", "--diversity-encoder", "none", "--quiet", "--out", str(out)]) == 0
+    summary = json.loads(out.read_text())["summary"]
+    assert summary["gold_video"]["n"] == 2
+    adapter = adapter_for(load_named("world-video"), 5.0, num_frames=3)
+    prompts = load_prompts(PromptSource(world_video="heldout", n=2, seed=1))
+    direct = evaluate_generator(adapter, adapter.make_policy(2, 1.0), prompts, build_rewards(["gold_video"]), 1, 1234,
+                                progress=False)
+    assert direct.batch.pixels.shape[:2] == (2, 3)
+    assert summary["gold_video"]["mean"] == pytest.approx(float(direct.scores["gold_video"].mean()), abs=1e-6)
+    capsys.readouterr()
+    assert main(["eval", "generator", "--pipeline", "world", "--n", "1", "--frames", "3"]) != 0  # images have no frames
+    assert "num_frames" in capsys.readouterr().err

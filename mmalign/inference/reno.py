@@ -118,7 +118,8 @@ def optimize_noise(
             1 disables guidance, as one-step models such as SD-Turbo sample).
         reward: a ``Reward`` or a reward spec (a list of specs with weights is their weighted sum); it must be
             differentiable in the pixels and score each sample alone.
-        seeds: one per prompt, the seed of its initial noise (default ``0 … B−1``); or ``noise`` ``(B, C, h, w)``.
+        seeds: one per prompt, the seed of its initial noise (default ``0 … B−1``); or ``noise``
+            ``(B, *adapter.latent_shape)`` (``(B, C, F, h, w)`` for video).
         num_steps: deterministic DDIM steps of the generator (1 for one-step models, from t = T with the
             scheduler's ``timestep_spacing``: "trailing" for the turbo models).
         iterations: reward evaluations per prompt, the initial noise's included (updates: one fewer).
@@ -153,7 +154,7 @@ def optimize_noise(
                                   decoder_checkpointing=gradient_checkpointing)
         pixels = sample.pixels.float()
         drawn = torch.isfinite(pixels.flatten(1)).all(1)
-        out = reward(MediaBatch(torch.where(drawn.view(-1, 1, 1, 1), pixels, 0.5), prompts, metadata))
+        out = reward(MediaBatch(torch.where(_per_row(drawn, pixels), pixels, 0.5), prompts, metadata))
         scores = torch.where(drawn, out.scores.float().to(device), math.nan)
         finite = torch.isfinite(scores)
         regularizer = chi_regularizer(z)
@@ -177,14 +178,14 @@ def optimize_noise(
         for i in (active & ~grad_finite).nonzero().flatten().tolist():
             stopped[i] = f"iteration {iteration}: non-finite gradient"
         active &= grad_finite
-        grad = torch.where(active.view(-1, 1, 1, 1), grad, 0.0)
+        grad = torch.where(_per_row(active, grad), grad, 0.0)
         norms = grad.flatten(1).norm(dim=1)
         trace.setdefault("grad_norm", []).append(torch.where(active, norms, math.nan).cpu())
-        z.grad = grad * (grad_clip / (norms + 1e-6)).clamp(max=1.0).view(-1, 1, 1, 1)
+        z.grad = grad * _per_row((grad_clip / (norms + 1e-6)).clamp(max=1.0), grad)
         before = z.detach().clone()
         optimizer.step()
         with torch.no_grad():  # momentum would still move a stopped prompt's noise
-            z.copy_(torch.where(active.view(-1, 1, 1, 1), z, before))
+            z.copy_(torch.where(_per_row(active, z), z, before))
     first = {k: v[0] for k, v in trace.items()}
     return NoiseOptimization(
         prompts=prompts, metadata=metadata, initial_noise=noise.float().cpu(), best_noise=best.noise.cpu(),
@@ -192,6 +193,12 @@ def optimize_noise(
         best_scores=best.scores.cpu(), best_iteration=best.iteration.cpu(),
         trace={k: torch.stack(v) for k, v in trace.items()}, stopped=stopped,
     )
+
+
+def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ``values`` shaped to broadcast over the rows of ``like`` (images ``(B, C, H, W)``, videos
+    ``(B, T, C, H, W)``, latents of either)."""
+    return values.view(-1, *[1] * (like.ndim - 1))
 
 
 class _Best:
@@ -212,8 +219,8 @@ class _Best:
         better = eligible & (self.scores.isnan() | (scores > self.scores))
         self.scores = torch.where(better, scores, self.scores)
         self.iteration = torch.where(better, iteration, self.iteration)
-        self.noise = torch.where(better.view(-1, 1, 1, 1), noise, self.noise)
-        self.pixels = torch.where(better.view(-1, 1, 1, 1).cpu(), pixels.cpu(), self.pixels)
+        self.noise = torch.where(_per_row(better, noise), noise, self.noise)
+        self.pixels = torch.where(_per_row(better, pixels).cpu(), pixels.cpu(), self.pixels)
 
 
 def _record(trace: dict[str, list[torch.Tensor]], scores, components: dict, regularizer, noise) -> None:

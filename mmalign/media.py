@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["MediaBatch", "IMAGE_SUFFIXES", "open_image"]
+__all__ = ["MediaBatch", "IMAGE_SUFFIXES", "open_image", "per_sample"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CHANNELS = (1, 3)
@@ -341,3 +341,9 @@ def _read_prompts(
     if len(texts) != len(files):
         raise ValueError(f"prompts: expected one prompt per image ({len(files)}), got {len(texts)}")
     return texts, [{} for _ in files]
+
+
+def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` ``values`` viewed as ``(B, 1, …)`` to broadcast over the samples of ``like`` (images, videos or
+    latents of either: any rank)."""
+    return values.view(-1, *[1] * (like.ndim - 1))

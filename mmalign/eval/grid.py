@@ -18,7 +18,10 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["filmstrips", "image_grid", "label_font", "mp4_available", "save_video_grid"]
+__all__ = ["VIDEO_SUFFIXES", "filmstrips", "image_grid", "label_font", "mp4_available", "save_video_grid"]
+
+#: the file types ``save_video_grid`` writes
+VIDEO_SUFFIXES = (".gif", ".mp4")
 
 _PAD = 4
 #: the height up to which small images are enlarged (nearest neighbour)
@@ -110,7 +113,7 @@ def save_video_grid(videos: torch.Tensor, path, labels: Sequence[str] | None = N
         got = tuple(videos.shape) if isinstance(videos, torch.Tensor) else type(videos).__name__
         raise ValueError(f"videos: expected a (B, T, 3, H, W) tensor, got {got}")
     suffix = Path(path).suffix.lower()
-    if suffix not in (".gif", ".mp4"):
+    if suffix not in VIDEO_SUFFIXES:
         raise ValueError(f"path: expected a .gif or .mp4 file name, got {str(path)!r}")
     sheets = [image_grid(videos[:, t], labels, columns, scale) for t in range(videos.shape[1])]
     if suffix == ".gif":

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.media import MediaBatch
+from mmalign.media import MediaBatch, per_sample
 from mmalign.models.adapter import GeneratorAdapter
 from mmalign.models.pipelines import adapter_for
 from mmalign.models.rollout import sample_with_grad
@@ -154,7 +154,7 @@ def optimize_noise(
                                   decoder_checkpointing=gradient_checkpointing)
         pixels = sample.pixels.float()
         drawn = torch.isfinite(pixels.flatten(1)).all(1)
-        out = reward(MediaBatch(torch.where(_per_row(drawn, pixels), pixels, 0.5), prompts, metadata))
+        out = reward(MediaBatch(torch.where(per_sample(drawn, pixels), pixels, 0.5), prompts, metadata))
         scores = torch.where(drawn, out.scores.float().to(device), math.nan)
         finite = torch.isfinite(scores)
         regularizer = chi_regularizer(z)
@@ -178,14 +178,14 @@ def optimize_noise(
         for i in (active & ~grad_finite).nonzero().flatten().tolist():
             stopped[i] = f"iteration {iteration}: non-finite gradient"
         active &= grad_finite
-        grad = torch.where(_per_row(active, grad), grad, 0.0)
+        grad = torch.where(per_sample(active, grad), grad, 0.0)
         norms = grad.flatten(1).norm(dim=1)
         trace.setdefault("grad_norm", []).append(torch.where(active, norms, math.nan).cpu())
-        z.grad = grad * _per_row((grad_clip / (norms + 1e-6)).clamp(max=1.0), grad)
+        z.grad = grad * per_sample((grad_clip / (norms + 1e-6)).clamp(max=1.0), grad)
         before = z.detach().clone()
         optimizer.step()
         with torch.no_grad():  # momentum would still move a stopped prompt's noise
-            z.copy_(torch.where(_per_row(active, z), z, before))
+            z.copy_(torch.where(per_sample(active, z), z, before))
     first = {k: v[0] for k, v in trace.items()}
     return NoiseOptimization(
         prompts=prompts, metadata=metadata, initial_noise=noise.float().cpu(), best_noise=best.noise.cpu(),
@@ -193,12 +193,6 @@ def optimize_noise(
         best_scores=best.scores.cpu(), best_iteration=best.iteration.cpu(),
         trace={k: torch.stack(v) for k, v in trace.items()}, stopped=stopped,
     )
-
-
-def _per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` ``values`` shaped to broadcast over the rows of ``like`` (images ``(B, C, H, W)``, videos
-    ``(B, T, C, H, W)``, latents of either)."""
-    return values.view(-1, *[1] * (like.ndim - 1))
 
 
 class _Best:
@@ -219,8 +213,8 @@ class _Best:
         better = eligible & (self.scores.isnan() | (scores > self.scores))
         self.scores = torch.where(better, scores, self.scores)
         self.iteration = torch.where(better, iteration, self.iteration)
-        self.noise = torch.where(_per_row(better, noise), noise, self.noise)
-        self.pixels = torch.where(_per_row(better, pixels).cpu(), pixels.cpu(), self.pixels)
+        self.noise = torch.where(per_sample(better, noise), noise, self.noise)
+        self.pixels = torch.where(per_sample(better, pixels).cpu(), pixels.cpu(), self.pixels)
 
 
 def _record(trace: dict[str, list[torch.Tensor]], scores, components: dict, regularizer, noise) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from mmalign.media import per_sample
 from mmalign.models.ddim import alphas_cumprod, predictions_from_output
 
 __all__ = ["DDPMProcess", "FlowProcess"]
@@ -24,7 +25,7 @@ __all__ = ["DDPMProcess", "FlowProcess"]
 
 def _column(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``(B,)`` → ``(B, 1, …)`` broadcasting against ``like``, in ``like``'s dtype and device."""
-    return values.to(like.device, like.dtype).view(-1, *([1] * (like.ndim - 1)))
+    return per_sample(values.to(like.device, like.dtype), like)
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from mmalign.media import per_sample
 from mmalign.models.adapter import GeneratorAdapter, PromptEmbeds, SamplingPolicy
 from mmalign.models.ddim import StepOutput
 from mmalign.models.trajectory import Trajectory
@@ -198,7 +199,7 @@ def sample_with_grad(
             with torch.no_grad():
                 x = policy.step(adapter.model_output(denoiser, x, t, embeds), x, index, generator=generator).prev_sample
             continue
-        x = torch.where(keep.view(-1, *[1] * (x.ndim - 1)), x, x.detach())  # samples whose truncation lies later
+        x = torch.where(per_sample(keep, x), x, x.detach())  # samples whose truncation lies later
         if gradient_checkpointing:
             out = checkpoint(adapter.model_output, denoiser, x, t, embeds, use_reentrant=False)
         else:

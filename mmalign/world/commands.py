@@ -85,7 +85,7 @@ def _cmd_render(args: argparse.Namespace) -> int:
 def _cmd_video(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from mmalign.eval.grid import save_video_grid
+    from mmalign.eval.grid import VIDEO_SUFFIXES, save_video_grid
     from mmalign.world.video import render_video, verify_video, video_prompt_set, video_scene_from_prompt
 
     if args.prompt is not None:
@@ -93,7 +93,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
     else:
         clip = video_prompt_set(args.split, 1, args.seed)[0]
         scene, motion, text = clip.scene, clip.motion, clip.text
-    if Path(args.out).suffix.lower() not in (".gif", ".mp4"):
+    if Path(args.out).suffix.lower() not in VIDEO_SUFFIXES:  # before the clip is drawn
         raise ValueError(f"--out: expected a .gif or .mp4 file name such as clip.gif, got {args.out!r}")
     if args.generate:  # the shipped video generator draws the clip
         from mmalign.world.assets import load_video_pipeline

@@ -54,6 +54,7 @@ _BUILTIN: dict[str, str] = {
     "motion_smoothness": "mmalign.rewards.video:MotionSmoothness",
     "gold": "mmalign.world.gold:GoldReward",
     "gold_video": "mmalign.world.video:GoldVideoReward",
+    "motion_proxy": "mmalign.world.motion_reward:MotionProxyScore",
     "proxy": "mmalign.world.proxy_reward:ProxyScore",
     "preference_proxy": "mmalign.world.proxy_reward:PreferenceProxyScore",
     "preference_ensemble": "mmalign.world.proxy_reward:PreferenceEnsemble",

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["ASSETS_DIR", "SAMPLER", "pipeline_path", "proxy_path", "preference_path", "video_pipeline_path",
-           "load_pipeline", "load_proxy", "load_video_pipeline", "generate"]
+           "motion_proxy_path", "load_pipeline", "load_proxy", "load_video_pipeline", "generate"]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 #: Sampler settings of the shipped pipeline's reported gold scores (DDIM, its scheduler as saved).
@@ -49,6 +49,11 @@ def video_pipeline_path() -> str:
     """Folder of the shipped video generator: its motion adapter, text encoder and tokenizer (the rest is the
     image pipeline's, named in its ``video_pipeline.json``)."""
     return _folder("video_pipeline", "video_pipeline.json", "video-generator")
+
+
+def motion_proxy_path() -> str:
+    """Folder of the shipped motion classifier (``mmalign.world.motion_proxy``) behind the ``motion_proxy`` reward."""
+    return _folder("motion_proxy", "model.safetensors", "motion-proxy")
 
 
 def load_video_pipeline(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,

@@ -35,6 +35,7 @@ from mmalign.files import folder_size
 from mmalign.world.assets import ASSETS_DIR, SAMPLER, generate, load_pipeline, load_proxy
 from mmalign.world.captions import prompt_set
 from mmalign.world.generator import IMAGE_SIZE, GeneratorRecipe, build_generator
+from mmalign.world.motion_proxy import MotionProxyRecipe, build_motion_proxy
 from mmalign.world.preference import PreferenceRecipe, build_preference, build_preference_ensemble
 from mmalign.world.proxy import ProxyRecipe, build_proxy, proxy_scores
 from mmalign.world.render import render_batch
@@ -47,9 +48,10 @@ __all__ = ["MODELS", "build", "evaluate", "reconstruction"]
 
 #: Buildable models and the asset folder each is saved to.
 MODELS: dict[str, str] = {"generator": "pipeline", "proxy": "proxy", "vlm": "vlm", "preference": "preference",
-                          "preference-ensemble": "preference_ensemble", "video-generator": "video_pipeline"}
-#: the models built on the generator (and the proxy): built here, after them
-_FROM_BOTH = ("preference", "preference-ensemble", "video-generator")
+                          "preference-ensemble": "preference_ensemble", "video-generator": "video_pipeline",
+                          "motion-proxy": "motion_proxy"}
+#: the models built on the generator (and the proxy, or the video generator): built here, after them, in order
+_FROM_BOTH = ("preference", "preference-ensemble", "video-generator", "motion-proxy")
 #: members per label set of the preference ensembles (docs/overoptimization.md)
 ENSEMBLE_MEMBERS = 3
 REPORT = "build_report.json"
@@ -95,6 +97,9 @@ def _build_one(name: str, target: Path, recipes: dict, steps: int | None, progre
         "video-generator": lambda folder: build_video(folder, recipes["video"], _sibling(target, "generator"),
                                                       progress, work=target.with_name(f".{target.name}.work"),
                                                       evaluate_prompts=48 if steps is None else 2),
+        "motion-proxy": lambda folder: build_motion_proxy(folder, recipes["motion"], progress,
+                                                          _sibling(target, "video-generator"),
+                                                          evaluate_prompts=48 if steps is None else 2),
     }
     start, cpu = time.perf_counter(), time.process_time()
     result = _swap_in(builders[name], target)
@@ -150,7 +155,7 @@ def build(
     report: dict = {"load_average_start": os.getloadavg(), "processes": processes,
                     "threads": torch.get_num_threads(), "seconds": {}, "cpu_seconds": {}}
     recipes = {"generator": GeneratorRecipe(), "proxy": ProxyRecipe(), "preference": PreferenceRecipe(),
-               "video": VideoGeneratorRecipe()}
+               "video": VideoGeneratorRecipe(), "motion": MotionProxyRecipe()}
     if steps is not None:
         gen, proxy = recipes["generator"], recipes["proxy"]
         recipes["generator"] = replace(gen, vae_steps=steps, unet_steps=steps, warmup=1,
@@ -159,6 +164,7 @@ def build(
         recipes["preference"] = replace(recipes["preference"], steps=steps, prompts=2, samples_per_prompt=2,
                                         num_inference_steps=2, prompts_per_step=2)
         recipes["video"] = replace(recipes["video"], steps=steps, clips=16, batch=2, warmup=1)
+        recipes["motion"] = replace(recipes["motion"], steps=steps, clips=16, batch=4)
     job = (recipes, steps, progress)
     start, ticks = time.perf_counter(), _cpu_ticks()
     pair_names = [n for n in names if n in ("generator", "proxy")]

@@ -150,10 +150,11 @@ def add_world_parser(subparsers) -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="rebuild the shipped generator, proxy, preference proxy and VLM from fixed seeds",
                            description="Train the tiny models and report gold scores (docs/world.md). An interrupted "
                                        "generator build resumes from its checkpoints when run again.")
-    build.add_argument("--only", choices=("generator", "proxy", "preference", "preference-ensemble", "vlm", "video-generator"),
+    build.add_argument("--only", choices=("generator", "proxy", "preference", "preference-ensemble", "vlm", "video-generator",
+                                          "motion-proxy"),
                        help="one model; preference-ensemble: the preference proxies of docs/overoptimization.md "
                             "(rebuilt here, not shipped)")
-    build.add_argument("--out", help="folder for pipeline/, proxy/, preference/, vlm/ and video_pipeline/ (default: the package's assets)")
+    build.add_argument("--out", help="folder for pipeline/, proxy/, preference/, vlm/, video_pipeline/ and motion_proxy/ (default: the package's assets)")
     build.add_argument("--steps", type=positive_int, help="override every stage's steps (smoke tests)")
     build.add_argument("--threads", type=positive_int,
                        help="torch threads per process (default: the CPUs over the processes; the VLM uses 1)")

@@ -36,6 +36,7 @@ __all__ = [
     "frame_scenes",
     "render_video",
     "render_videos",
+    "stated_direction",
     "video_caption",
     "video_prompt_set",
     "video_scene_from_prompt",
@@ -172,17 +173,29 @@ def video_prompt_set(split: str = "train", n: int = 100, seed: int = 0) -> list[
     return out
 
 
-def video_scene_from_prompt(prompt: str, seed: int = 0) -> tuple[Scene, Motion]:
-    """``(first-frame scene, motion)`` of a caption such as ``"two blue squares moving up"``."""
+def _motion_phrase(prompt: str, name: str = "prompt") -> tuple[list[str], int]:
+    """The caption's lower-cased words and the index of its one ``moving`` followed by a direction."""
     if not isinstance(prompt, str):
-        raise TypeError(f"prompt: expected a caption (a string), got {type(prompt).__name__}")
+        raise TypeError(f"{name}: expected a caption (a string), got {type(prompt).__name__}")
     words = prompt.lower().split()
     at = [i for i, w in enumerate(words[:-1]) if w == "moving" and words[i + 1] in DIRECTIONS]
     if len(at) != 1:
-        raise ValueError(f"prompt: expected a world caption with one 'moving {{{'|'.join(DIRECTIONS)}}}' "
+        raise ValueError(f"{name}: expected a world caption with one 'moving {{{'|'.join(DIRECTIONS)}}}' "
                          f"(e.g. 'a red circle moving right'), got {prompt!r}")
-    direction = words[at[0] + 1]
-    scene = scene_from_prompt(" ".join(words[: at[0]] + words[at[0] + 2 :]), seed)
+    return words, at[0]
+
+
+def stated_direction(prompt: str, name: str = "prompt") -> str:
+    """The direction a video caption states (``"a red circle moving right"`` → ``"right"``)."""
+    words, at = _motion_phrase(prompt, name)
+    return words[at + 1]
+
+
+def video_scene_from_prompt(prompt: str, seed: int = 0) -> tuple[Scene, Motion]:
+    """``(first-frame scene, motion)`` of a caption such as ``"two blue squares moving up"``."""
+    words, at = _motion_phrase(prompt)
+    direction = words[at + 1]
+    scene = scene_from_prompt(" ".join(words[:at] + words[at + 2 :]), seed)
     _check_motion_scene(scene, "prompt")
     return _place(scene, direction, make_rng(seed))
 

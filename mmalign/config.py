@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 __all__ = [
     "TASKS",
@@ -26,6 +26,7 @@ __all__ = [
     "RecipeError",
     "Task",
     "StrictModel",
+    "VideoConfig",
     "apply_overrides",
     "check_device",
     "find_recipe",
@@ -69,6 +70,18 @@ class StrictModel(BaseModel):
     """Base of recipe sections: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class VideoConfig(StrictModel):
+    """The size of a video pipeline's samples (each null: the pipeline's default)."""
+
+    num_frames: int | None = Field(None, ge=1, description="frames per video (Wan: 1 + a multiple of 4)")
+    height: int | None = Field(None, ge=1, description="frame height in pixels")
+    width: int | None = Field(None, ge=1, description="frame width in pixels")
+
+    def options(self) -> dict[str, int]:
+        """The adapter options that are set."""
+        return self.model_dump(exclude_none=True)
 
 
 class Recipe(StrictModel):

@@ -16,18 +16,22 @@ ROWS = {"initial": "initial", "reno": "ReNO", "best_of_n": "best-of-N"}
 def save_grid(images: Mapping[str, torch.Tensor], scores: Mapping[str, Mapping[str, torch.Tensor]],
               prompts: Sequence[str], path: str | Path, limit: int = 8) -> str:
     """One row per method (initial, ReNO, best-of-N) for the first ``limit`` prompts, each image labelled with
-    the optimised reward and the first report reward (gold on the world)."""
-    from mmalign.eval.grid import image_grid
+    the optimised reward and the first report reward (gold on the world). Videos are strips of frames, one
+    prompt a row with the methods side by side, and also played in ``grid.gif`` beside ``path``."""
+    from mmalign.eval.grid import image_grid, save_video_grid
 
     count = min(limit, len(prompts))
     names = list(next(iter(scores.values())))[:2]
-    tiles, labels = [], []
-    for tag in (t for t in ROWS if t in images):
-        for i in range(count):
-            tiles.append(images[tag][i])
-            values = ", ".join(f"{name} {float(scores[tag][name][i]):.3g}" for name in names)
-            labels.append(f"{ROWS[tag]}: {prompts[i]}\n{values}")
-    image_grid(torch.stack(tiles), labels, columns=count).save(path)
+    tags = [t for t in ROWS if t in images]
+    video = next(iter(images.values())).ndim == 5
+    cells = [(tag, i) for i in range(count) for tag in tags] if video else [(tag, i) for tag in tags for i in range(count)]
+    tiles = torch.stack([images[tag][i] for tag, i in cells])
+    labels = [f"{ROWS[tag]}: {prompts[i]}\n" + ", ".join(f"{name} {float(scores[tag][name][i]):.3g}" for name in names)
+              for tag, i in cells]
+    columns = len(tags) if video else count
+    if video:
+        save_video_grid(tiles, Path(path).with_suffix(".gif"), labels, columns=columns)
+    image_grid(tiles, labels, columns=columns).save(path)
     return Path(path).name
 
 

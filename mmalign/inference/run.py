@@ -18,7 +18,7 @@ import torch
 from pydantic import Field
 from tqdm.auto import tqdm
 
-from mmalign.config import Recipe
+from mmalign.config import Recipe, VideoConfig
 from mmalign.eval.generator import mean_ci
 from mmalign.eval.scoring import build_rewards, score_batch
 from mmalign.files import write_text_atomic
@@ -40,6 +40,7 @@ class ReNORecipe(Recipe):
 
     task: Literal["reno"] = "reno"
     pipeline: str = Field(description="'world' (the shipped shapes pipeline), a hub id or a folder")
+    video: VideoConfig | None = Field(None, description="frames and size of a video pipeline's samples")
     prompts: PromptSource = Field(description="the prompts whose samples are optimised")
     reward: RewardSpecs = Field(min_length=1, description="the optimised reward; several are summed with weights")
     report_rewards: RewardSpecs = Field(
@@ -80,7 +81,7 @@ def run_reno(recipe: ReNORecipe, progress: bool = True) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "config.json", recipe.model_dump_json(indent=2))
     pipe = load_pipeline(recipe.pipeline, getattr(torch, recipe.dtype)).to(recipe.device)
-    adapter = adapter_for(pipe, recipe.guidance_scale)
+    adapter = adapter_for(pipe, recipe.guidance_scale, **(recipe.video.options() if recipe.video else {}))
     prompts = load_prompts(recipe.prompts)
     texts, metadata = [t for t, _ in prompts], [{**m, "group": i} for i, (_, m) in enumerate(prompts)]
     reward = build(recipe.reward if len(recipe.reward) > 1 else recipe.reward[0]).to(recipe.device)
@@ -229,9 +230,12 @@ def _summary(recipe, results, scores, seconds, bon_seconds, texts) -> dict[str, 
 
 def _save_outputs(out: Path, results, images: dict[str, torch.Tensor], trace: dict[str, torch.Tensor]) -> None:
     """``noise.safetensors`` (each prompt's initial and best noise: sample them again with the same sampler),
-    ``traces.safetensors`` (every trace, ``(iterations, prompts)``) and the images as PNGs under ``images/``."""
+    ``traces.safetensors`` (every trace, ``(iterations, prompts)``) and the images as PNGs (videos as GIFs) under
+    ``images/``."""
     from safetensors.torch import save_file
     from torchvision.utils import save_image
+
+    from mmalign.eval.grid import save_video_grid
 
     save_file({"initial": torch.cat([r.initial_noise for r in results]).contiguous(),
                "best": torch.cat([r.best_noise for r in results]).contiguous()}, out / "noise.safetensors")
@@ -240,4 +244,7 @@ def _save_outputs(out: Path, results, images: dict[str, torch.Tensor], trace: di
     folder.mkdir(exist_ok=True)
     for tag, pixels in images.items():
         for i, image in enumerate(pixels):
-            save_image(image, folder / f"{i:04d}_{tag}.png")
+            if image.ndim == 4:  # a video (T, 3, H, W)
+                save_video_grid(image[None], folder / f"{i:04d}_{tag}.gif", columns=1, scale=1)
+            else:
+                save_image(image, folder / f"{i:04d}_{tag}.png")

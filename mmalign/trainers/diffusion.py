@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 
-from mmalign.config import Recipe, StrictModel
+from mmalign.config import Recipe, StrictModel, VideoConfig
 from mmalign.eval.scoring import build_rewards
 from mmalign.files import write_atomic
 from mmalign.models.pipelines import adapter_for, load_pipeline
@@ -65,18 +65,6 @@ class EvalConfig(StrictModel):
         None, description="rewards evaluated beside the trained one; null = the report's (log_rewards without a report)"
     )
     seed: int = Field(4321, description="noise seed of the evaluation samples (the same at every evaluation)")
-
-
-class VideoConfig(StrictModel):
-    """The size of a video pipeline's samples (each null: the pipeline's default)."""
-
-    num_frames: int | None = Field(None, ge=1, description="frames per video (Wan: 1 + a multiple of 4)")
-    height: int | None = Field(None, ge=1, description="frame height in pixels")
-    width: int | None = Field(None, ge=1, description="frame width in pixels")
-
-    def options(self) -> dict[str, int]:
-        """The adapter options that are set."""
-        return self.model_dump(exclude_none=True)
 
 
 class DiffusionConfig(Recipe):

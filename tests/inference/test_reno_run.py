@@ -74,3 +74,16 @@ def test_bench_prints_both_modes_and_the_ratio(capsys):
     assert main(["bench", "optimize", "--prompts", "2", "--iterations", "2", "--steps", "1"]) == 0
     printed = capsys.readouterr().out
     assert "one prompt at a time" in printed and "batched / loop" in printed
+
+
+def test_video_recipe_optimises_clips_and_writes_them(tmp_path):
+    """shapes-video-reno, small: the noise keeps the frame axis, clips are saved as GIFs, the grid plays."""
+    recipe = load_recipe("shapes-video-reno", ["prompts.n=2", "iterations=2", "batch_size=2", "num_steps=2",
+                                                "video.num_frames=4", f"output_dir={tmp_path}"])
+    summary = run_reno(recipe, progress=False)
+    assert set(summary["rewards"]) == {"reward", "gold_video", "frame_aggregate", "motion_proxy"}
+    for row in summary["per_prompt"]:
+        assert row["reward/reno"] >= row["reward/initial"]
+    assert load_file(tmp_path / "noise.safetensors")["best"].shape == (2, 12, 4, 16, 16)  # (B, C, F, h, w)
+    for name in ("grid.png", "grid.gif", "images/0001_reno.gif", "images/0000_best_of_n.gif"):
+        assert (tmp_path / name).is_file(), name

@@ -232,10 +232,10 @@ def _save_outputs(out: Path, results, images: dict[str, torch.Tensor], trace: di
     """``noise.safetensors`` (each prompt's initial and best noise: sample them again with the same sampler),
     ``traces.safetensors`` (every trace, ``(iterations, prompts)``) and the images as PNGs (videos as GIFs) under
     ``images/``."""
+    from diffusers.utils import export_to_gif
     from safetensors.torch import save_file
+    from torchvision.transforms.functional import to_pil_image
     from torchvision.utils import save_image
-
-    from mmalign.eval.grid import save_video_grid
 
     save_file({"initial": torch.cat([r.initial_noise for r in results]).contiguous(),
                "best": torch.cat([r.best_noise for r in results]).contiguous()}, out / "noise.safetensors")
@@ -245,6 +245,6 @@ def _save_outputs(out: Path, results, images: dict[str, torch.Tensor], trace: di
     for tag, pixels in images.items():
         for i, image in enumerate(pixels):
             if image.ndim == 4:  # a video (T, 3, H, W)
-                save_video_grid(image[None], folder / f"{i:04d}_{tag}.gif", columns=1, scale=1)
+                export_to_gif([to_pil_image(frame) for frame in image.clamp(0, 1)], str(folder / f"{i:04d}_{tag}.gif"), fps=5)
             else:
                 save_image(image, folder / f"{i:04d}_{tag}.png")

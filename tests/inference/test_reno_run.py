@@ -87,3 +87,7 @@ def test_video_recipe_optimises_clips_and_writes_them(tmp_path):
     assert load_file(tmp_path / "noise.safetensors")["best"].shape == (2, 12, 4, 16, 16)  # (B, C, F, h, w)
     for name in ("grid.png", "grid.gif", "images/0001_reno.gif", "images/0000_best_of_n.gif"):
         assert (tmp_path / name).is_file(), name
+    from PIL import Image
+
+    with Image.open(tmp_path / "images/0001_reno.gif") as clip:
+        assert clip.n_frames == 4 and clip.size == (32, 32)  # the clip itself, frame by frame

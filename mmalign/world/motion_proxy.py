@@ -152,5 +152,6 @@ def build_motion_proxy(folder: str | Path, recipe: MotionProxyRecipe | None = No
                 "auroc": round(auroc(stated[moved], stated[~moved]), 4) if 0 < moved.sum() < len(clips) else None}
     folder = Path(folder)
     model.save_pretrained(str(folder))
+    (folder / "README.md").unlink(missing_ok=True)  # the mixin's blank Hub model card; docs/world.md describes it
     write_text_atomic(folder / "build_report.json", json.dumps(report, indent=2) + "\n")
     return report

@@ -19,7 +19,12 @@ from mmalign.files import folder_size, write_text_atomic
 from mmalign.world.assets import load_pipeline, pipeline_path
 from mmalign.world.generator import IMAGE_SIZE
 from mmalign.world.video import DIRECTIONS, MOTION_KINDS, render_videos, verify_videos, video_prompt_set
-from mmalign.world.video_generator import VideoGeneratorRecipe, assemble_video_pipeline, build_video_generator
+from mmalign.world.video_generator import (
+    VideoGeneratorRecipe,
+    assemble_video_pipeline,
+    build_video_generator,
+    travelling_noise,
+)
 
 __all__ = ["MONITOR_EVERY", "VIDEO_SAMPLER", "build_video", "evaluate_video_generator", "sample_videos"]
 
@@ -31,31 +36,40 @@ VIDEO_SAMPLER: dict[str, int | float] = {"frames": 8, "num_inference_steps": 20,
 
 @torch.no_grad()
 def sample_videos(pipe, prompts, seed: int = 0, frames: int = 8, num_inference_steps: int = 20,
-                  guidance_scale: float = 5.0, batch: int = 16) -> torch.Tensor:
-    """``(B, frames, 3, H, W)`` clips in [0, 1], one per prompt; batch ``k`` draws its noise from ``seed + k``."""
+                  guidance_scale: float = 5.0, batch: int = 16, noise_speed: float | None = None) -> torch.Tensor:
+    """``(B, frames, 3, H, W)`` clips in [0, 1], one per prompt; batch ``k`` draws its noise from ``seed + k``:
+    independent in every frame, or with ``noise_speed`` (latent pixels per frame) ``travelling_noise``."""
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
     out = []
     for k, start in enumerate(range(0, len(prompts), batch)):
-        result = pipe(list(prompts[start : start + batch]), num_frames=frames, num_inference_steps=num_inference_steps,
-                      guidance_scale=guidance_scale, generator=torch.Generator().manual_seed(seed + k),
-                      output_type="pt")
+        chunk, generator = list(prompts[start : start + batch]), torch.Generator().manual_seed(seed + k)
+        latents = None
+        if noise_speed is not None:
+            size = pipe.unet.config.sample_size
+            shape = (pipe.unet.config.in_channels, frames, size, size)
+            latents = travelling_noise(chunk, shape, generator, noise_speed).to(pipe.device, pipe.unet.dtype)
+        result = pipe(chunk, num_frames=frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                      generator=generator, latents=latents, output_type="pt")
         out.append(result.frames.float().clamp(0, 1).cpu())
     return torch.cat(out)
 
 
 def evaluate_video_generator(pipe, prompts: int = 48, samples_per_prompt: int = 1, seed: int = 1000,
                              frames: int = 8, num_inference_steps: int = 20, guidance_scale: float = 5.0,
-                             splits=("train", "heldout")) -> dict:
+                             splits=("train", "heldout"), noise_speed: float | None = None) -> dict:
     """Gold (``gold_video``) of the pipeline's clips per split and kind of attribute, beside the same clips
     judged against shuffled captions (what matching the prompt is worth) and jittered renders (the ceiling).
     ``motion_if_stated`` is the clips' motion pass rate had every caption stated that one direction: motion's
-    chance level, for a generator whose clips move but not where they are told."""
+    chance level, for a generator whose clips move but not where they are told. ``noise_speed``: as in
+    ``sample_videos``; ``flicker`` is the mean absolute difference of consecutive frames."""
     result: dict = {"prompts_per_split": prompts, "samples_per_prompt": samples_per_prompt, "frames": frames,
-                    "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale}
+                    "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale,
+                    "noise_speed": noise_speed}
     for split in splits:
         clips = [c for c in video_prompt_set(split, prompts, seed) for _ in range(samples_per_prompt)]
-        videos = sample_videos(pipe, [c.text for c in clips], seed, frames, num_inference_steps, guidance_scale)
+        videos = sample_videos(pipe, [c.text for c in clips], seed, frames, num_inference_steps, guidance_scale,
+                               noise_speed=noise_speed)
         scenes, motions = [c.scene for c in clips], [c.motion for c in clips]
         verdicts = verify_videos(videos, scenes, motions)
         shift = samples_per_prompt  # the next prompt's caption
@@ -76,6 +90,7 @@ def evaluate_video_generator(pipe, prompts: int = 48, samples_per_prompt: int = 
             "gold_by_kind": by_kind,
             "gold_shuffled_captions": round(sum(r.score for r in shuffled) / len(shuffled), 4),
             "motion_if_stated": moved,
+            "flicker": round((videos[:, 1:] - videos[:, :-1]).abs().mean().item(), 4),
             "gold_renders": round(sum(r.score for r in renders) / len(renders), 4),
         }
     return result

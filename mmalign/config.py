@@ -73,13 +73,17 @@ class StrictModel(BaseModel):
 
 
 class VideoConfig(StrictModel):
-    """The size of a video pipeline's samples (each null: the pipeline's default)."""
+    """The size of a video pipeline's samples (each null: the pipeline's default) and the noise they start from."""
 
     num_frames: int | None = Field(None, ge=1, description="frames per video (Wan: 1 + a multiple of 4)")
     height: int | None = Field(None, ge=1, description="frame height in pixels")
     width: int | None = Field(None, ge=1, description="frame width in pixels")
+    noise_speed: float | None = Field(
+        None, ge=0, description="latent pixels per frame that the initial noise travels along each prompt's "
+        "metadata motion.direction (world clip prompts state it); null: independent noise in every frame"
+    )
 
-    def options(self) -> dict[str, int]:
+    def options(self) -> dict[str, int | float]:
         """The adapter options that are set."""
         return self.model_dump(exclude_none=True)
 

@@ -152,18 +152,19 @@ def load_generator(run: str | Path | None = None, pipeline: str | None = None, d
                    num_frames: int | None = None):
     """``(adapter, policy, settings)`` of a training run's result or a pipeline ('world', a hub id, a folder),
     on ``device``: each sampler setting given, else the run's, else ``DEFAULT_SAMPLER``'s. ``num_frames`` (video
-    pipelines only) overrides the run's frame count, else the pipeline's default. ``settings`` holds them and the
+    pipelines only) overrides the run's frame count, else the pipeline's default; a run's travelling noise
+    (``video.noise_speed``) is kept. ``settings`` holds them and the
     ``pipeline`` name (the run's base for a run)."""
     from mmalign.models.pipelines import adapter_for, load_pipeline
 
     if (run is None) == (pipeline is None):
         raise ValueError("give exactly one of --run RUN_FOLDER or --pipeline NAME_OR_PATH (in a recipe: run or pipeline)")
-    video: dict[str, int] = {}
+    video: dict[str, int | float] = {}
     if run is not None:
         pipe, sampler = load_run_pipeline(run)
         run_config = json.loads((Path(run) / "config.json").read_text())
         name = run_config.get("pipeline")
-        video = {k: v for k, v in (run_config.get("video") or {}).items() if v is not None}  # the run's frames
+        video = {k: v for k, v in (run_config.get("video") or {}).items() if v is not None}  # frames, noise
     else:
         pipe, sampler, name = load_pipeline(pipeline), {}, pipeline
     if num_frames is not None:

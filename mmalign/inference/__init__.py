@@ -5,8 +5,8 @@ from mmalign.inference.reno import (
     IterationState,
     NoiseOptimization,
     chi_regularizer,
-    initial_noise,
     optimize_noise,
+    seeded_noise,
 )
 
-__all__ = ["IterationState", "NoiseOptimization", "chi_regularizer", "initial_noise", "optimize_noise"]
+__all__ = ["IterationState", "NoiseOptimization", "chi_regularizer", "optimize_noise", "seeded_noise"]

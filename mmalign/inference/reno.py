@@ -31,7 +31,7 @@ from mmalign.models.rollout import sample_with_grad
 from mmalign.rewards import Reward, build
 from mmalign.rewards.ensemble import Ensemble
 
-__all__ = ["IterationState", "NoiseOptimization", "chi_regularizer", "initial_noise", "optimize_noise"]
+__all__ = ["IterationState", "NoiseOptimization", "chi_regularizer", "optimize_noise", "seeded_noise"]
 
 
 def chi_regularizer(noise: torch.Tensor) -> torch.Tensor:
@@ -42,10 +42,13 @@ def chi_regularizer(noise: torch.Tensor) -> torch.Tensor:
     return 0.5 * norm_sq - 0.5 * (z.shape[1] - 1) * norm_sq.log()
 
 
-def initial_noise(seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
-    """``(len(seeds), *shape)`` standard normal noise, row ``i`` from its own generator seeded ``seeds[i]``: a
-    prompt's noise does not depend on which batch it is in."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def seeded_noise(adapter, seeds: Sequence[int], metadata: Sequence[dict[str, Any]]) -> torch.Tensor:
+    """``(len(seeds), *adapter.latent_shape)`` initial noise (``adapter.initial_noise``), row ``i`` from its own
+    CPU generator seeded ``seeds[i]`` and ``metadata[i]``: a prompt's noise does not depend on which batch it is
+    in."""
+    rows = [adapter.initial_noise([meta], torch.Generator().manual_seed(int(seed)))
+            for seed, meta in zip(seeds, metadata, strict=True)]
+    return torch.cat(rows)
 
 
 @dataclass
@@ -135,7 +138,7 @@ def optimize_noise(
     metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in prompts]
     if len(metadata) != len(prompts):
         raise ValueError(f"metadata: expected one dict per prompt ({len(prompts)}), got {len(metadata)}")
-    noise = _initial(noise, seeds, prompts, adapter.latent_shape)
+    noise = _initial(noise, seeds, adapter, metadata)
     device = adapter.device
     reward.to(device)
     policy = adapter.make_policy(num_steps, 0.0)
@@ -257,15 +260,15 @@ def _check_settings(prompts, iterations, lr, momentum, grad_clip, regularization
             raise ValueError(f"{name}: expected a finite number {expected}, got {value!r}")
 
 
-def _initial(noise, seeds, prompts, latent_shape) -> torch.Tensor:
+def _initial(noise, seeds, adapter, metadata) -> torch.Tensor:
     if noise is not None and seeds is not None:
         raise ValueError("noise, seeds: give one of them (seeds draw the noise)")
+    expected = (len(metadata), *adapter.latent_shape)
     if noise is not None:
-        if tuple(noise.shape) != (len(prompts), *latent_shape):
-            raise ValueError(f"noise: expected shape {(len(prompts), *latent_shape)} (one per prompt), "
-                             f"got {tuple(noise.shape)}")
+        if tuple(noise.shape) != expected:
+            raise ValueError(f"noise: expected shape {expected} (one per prompt), got {tuple(noise.shape)}")
         return noise
-    seeds = list(range(len(prompts))) if seeds is None else list(seeds)
-    if len(seeds) != len(prompts):
-        raise ValueError(f"seeds: expected one per prompt ({len(prompts)}), got {len(seeds)}")
-    return initial_noise(seeds, latent_shape)
+    seeds = list(range(len(metadata))) if seeds is None else list(seeds)
+    if len(seeds) != len(metadata):
+        raise ValueError(f"seeds: expected one per prompt ({len(metadata)}), got {len(seeds)}")
+    return seeded_noise(adapter, seeds, metadata)

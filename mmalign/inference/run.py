@@ -184,9 +184,9 @@ def calibrate(reward: Reward, adapter: GeneratorAdapter, texts: list[str], metad
 def _draws(adapter, policy, texts, metadata, rows: list[int], seeds: list[int]) -> tuple[MediaBatch, torch.Tensor]:
     """Deterministic samples of prompts ``rows`` from the noises of ``seeds``, as a batch (non-finite pixels
     replaced by grey) and the ``(n,)`` mask of samples drawn finite."""
-    from mmalign.inference.reno import initial_noise
+    from mmalign.inference.reno import seeded_noise
 
-    noise = initial_noise(seeds, adapter.latent_shape)
+    noise = seeded_noise(adapter, seeds, [metadata[i] for i in rows])
     pixels = sample_with_grad(adapter, policy, [texts[i] for i in rows], noise).pixels.float()
     drawn = torch.isfinite(pixels.flatten(1)).all(1).cpu()
     return MediaBatch(torch.nan_to_num(pixels, 0.5), [texts[i] for i in rows], [metadata[i] for i in rows]), drawn

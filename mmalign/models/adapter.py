@@ -11,6 +11,7 @@ working.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
@@ -115,6 +116,16 @@ class GeneratorAdapter:
         """``(C, h, w)`` of the latents at the pipeline's default resolution (video families: ``(C, F, h, w)``)."""
         config = self.denoiser.config
         return (config.in_channels, config.sample_size, config.sample_size)
+
+    def initial_noise(self, metadata: Sequence[dict[str, Any]], generator: torch.Generator | None = None
+                      ) -> torch.Tensor:
+        """``(len(metadata), *latent_shape)`` noise that samples start from, one per sample's ``metadata``, drawn
+        with ``generator`` on its device (else the adapter's): standard normal here; video adapters may make it
+        travel with each sample's stated motion. Rollouts, the trainers' forward-process noise and ReNO all
+        draw through it, so training sees the noise sampling starts from."""
+        device = generator.device if generator is not None else self.device
+        shape = (len(metadata), *self.latent_shape)
+        return torch.randn(shape, generator=generator, device=device).to(self.device)
 
     # ------------------------------------------------------------------------------------------- family
     def encode_prompts(self, prompts: list[str]) -> PromptEmbeds:

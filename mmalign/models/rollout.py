@@ -41,7 +41,8 @@ def sample_trajectories(
 ) -> Trajectory:
     """Sample one trajectory per prompt with ``denoiser`` (default: the pipeline's), storing every step's log-prob.
 
-    The initial noise and every step's noise come from ``generator``, so a seeded generator reproduces the batch.
+    The initial noise (``adapter.initial_noise`` of each prompt's ``metadata``) and every step's noise come from
+    ``generator``, so a seeded generator reproduces the batch.
     With ``group_size`` k, each run of k consecutive samples starts from one initial noise: the initial noise is
     not an action of the policy (it has no log-prob), so within such a group every reward difference comes from
     the steps the policy is credited with.
@@ -51,10 +52,10 @@ def sample_trajectories(
     if not isinstance(group_size, int) or group_size < 1 or len(prompts) % group_size:
         raise ValueError(f"group_size: expected a positive int dividing the {len(prompts)} prompts, got {group_size!r}")
     embeds = adapter.encode_prompts(prompts)
-    device = adapter.device
-    shape = (len(prompts) // group_size, *adapter.latent_shape)
-    noise_device = generator.device if generator is not None else device
-    x = torch.randn(shape, generator=generator, device=noise_device).to(device).repeat_interleave(group_size, 0)
+    metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in prompts]
+    if len(metadata) != len(prompts):
+        raise ValueError(f"metadata: expected one dict per prompt ({len(prompts)}), got {len(metadata)}")
+    x = adapter.initial_noise(metadata[::group_size], generator).repeat_interleave(group_size, 0)
     latents, log_probs = [x], []
     for index, t in enumerate(tqdm(policy.timesteps, desc="sampling", leave=False, disable=not progress)):
         out = adapter.model_output(denoiser, x, t, embeds)
@@ -69,7 +70,7 @@ def sample_trajectories(
         log_probs=torch.stack(log_probs, 1),
         embeds=embeds,
         prompts=prompts,
-        metadata=[dict(m) for m in (metadata or [{} for _ in prompts])],
+        metadata=metadata,
         pixels=pixels,
     )
 

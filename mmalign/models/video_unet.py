@@ -14,15 +14,16 @@ import torch
 
 from mmalign.models.adapter import PromptEmbeds
 from mmalign.models.stable_diffusion import StableDiffusionAdapter, decode_with_vae
-from mmalign.models.video import checked_video_size, frames_as_batch
+from mmalign.models.video import TravellingNoise, checked_noise_speed, checked_video_size, frames_as_batch
 
 __all__ = ["AnimateDiffAdapter", "VideoUNetAdapter"]
 
 
-class VideoUNetAdapter(StableDiffusionAdapter):
+class VideoUNetAdapter(TravellingNoise, StableDiffusionAdapter):
     """Prompts → CLIP text embeddings, (latents, t) → guided UNet output, latents → ``(B, T, 3, H, W)`` frames, for
     a ``TextToVideoSDPipeline``. ``num_frames`` (16, the pipelines' default) and ``height``/``width`` (None: the
-    UNet's ``sample_size`` × the VAE factor, as the pipelines default) size the samples.
+    UNet's ``sample_size`` × the VAE factor, as the pipelines default) size the samples; ``noise_speed`` (latent
+    pixels per frame) starts them from travelling noise.
 
     ``UNet3DConditionModel`` has no peft integration in diffusers, so this family trains by full fine-tuning
     (``lora: null``) and exports the whole pipeline.
@@ -31,8 +32,9 @@ class VideoUNetAdapter(StableDiffusionAdapter):
     decode_chunk_size = 16
 
     def __init__(self, pipeline, guidance_scale: float = 5.0, negative_prompt: str = "", num_frames: int = 16,
-                 height: int | None = None, width: int | None = None) -> None:
+                 height: int | None = None, width: int | None = None, noise_speed: float | None = None) -> None:
         super().__init__(pipeline, guidance_scale, negative_prompt)
+        self.noise_speed = checked_noise_speed(noise_speed)
         factor = pipeline.vae_scale_factor
         default = self.denoiser.config.sample_size * factor
         self.num_frames, self.height, self.width = checked_video_size(

@@ -15,7 +15,7 @@ import torch
 from mmalign.models.adapter import PromptEmbeds
 from mmalign.models.flow_sde import FlowSDEPolicy, scheduler_policy
 from mmalign.models.sd3 import FlowTransformerAdapter, flow_timestep
-from mmalign.models.video import checked_video_size
+from mmalign.models.video import TravellingNoise, checked_noise_speed, checked_video_size
 
 __all__ = ["WAN_LORA_TARGETS", "WanAdapter"]
 
@@ -23,10 +23,11 @@ __all__ = ["WAN_LORA_TARGETS", "WanAdapter"]
 WAN_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-class WanAdapter(FlowTransformerAdapter):
+class WanAdapter(TravellingNoise, FlowTransformerAdapter):
     """Prompts → UMT5 embeddings, (latents, t) → guided velocity, latents → ``(B, T, 3, H, W)`` frames, for a
     ``WanPipeline``. ``num_frames``, ``height`` and ``width`` default to the pipeline's (81 frames at 480×832);
-    ``max_sequence_length`` to its 512 text tokens."""
+    ``max_sequence_length`` to its 512 text tokens; ``noise_speed`` (latent pixels per latent frame) starts
+    samples from travelling noise."""
 
     frozen_names = ("vae", "text_encoder")
     lora_targets = WAN_LORA_TARGETS
@@ -34,8 +35,9 @@ class WanAdapter(FlowTransformerAdapter):
 
     def __init__(self, pipeline, guidance_scale: float = 5.0, negative_prompt: str = "",
                  max_sequence_length: int | None = None, num_frames: int = 81, height: int = 480,
-                 width: int = 832) -> None:
+                 width: int = 832, noise_speed: float | None = None) -> None:
         super().__init__(pipeline, guidance_scale, negative_prompt, max_sequence_length)
+        self.noise_speed = checked_noise_speed(noise_speed)
         if getattr(pipeline, "transformer_2", None) is not None or pipeline.config.get("expand_timesteps"):
             raise ValueError("pipeline: Wan 2.2's two-transformer and per-token-timestep pipelines are not supported; "
                              "expected a Wan 2.1 pipeline (one transformer)")

@@ -141,7 +141,7 @@ class BackpropTrainer(DiffusionTrainer):
         if cfg.method == "direct_align":
             x0 = part.latents[:, -1]
             t = loop.adapter.forward_process.sample_timesteps(len(part), *cfg.timestep_range, generator=generator)
-            noise = torch.randn(x0.shape, generator=generator).to(x0)
+            noise = loop.adapter.initial_noise(part.metadata, generator).to(x0)
             x0_hat, x_t, out = denoise_in_one_step(loop.adapter, loop.denoiser, x0, noise, t, part.embeds)
             penalty = on_step(t, x_t, out) if on_step is not None else x0.new_zeros(())
             decode = loop.adapter.decode

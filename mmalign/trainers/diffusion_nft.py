@@ -242,7 +242,7 @@ class NFTTrainer(DiffusionTrainer):
                 draws = self.draw_timesteps(len(index), generator)
                 slots = draws.shape[1]
                 for j in range(slots):
-                    noise = torch.randn(part.latents[:, -1].shape, generator=generator).to(part.latents)
+                    noise = loop.adapter.initial_noise(part.metadata, generator).to(part.latents)  # as sampling's
                     with loop.no_sync() if j < slots - 1 else nullcontext(), acc.autocast():
                         loss, parts = self.loss(part, noise, draws[:, j], r[index.to(r.device)], valid[index])
                     acc.backward(loss / slots)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from mmalign.media import MediaBatch
+from mmalign.models.video import MOTION_DIRECTIONS
 from mmalign.rewards.base import Reward, RewardOutput
 from mmalign.rewards.video import video_pixels
 from mmalign.world.captions import BACKGROUND_PHRASES, BACKGROUND_WORDS, caption, scene_from_prompt
@@ -44,8 +45,9 @@ __all__ = [
     "verify_videos",
 ]
 
-#: Unit steps on the canvas (y grows downwards).
-DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+#: Unit steps on the canvas (y grows downwards): the directions clip metadata states (``motion.direction``), as
+#: travelling initial noise reads them.
+DIRECTIONS: dict[str, tuple[int, int]] = MOTION_DIRECTIONS
 #: Distance travelled from the first frame to the last by sampled clips, fractions of the canvas.
 MIN_TRAVEL, MAX_TRAVEL = 0.25, 0.45
 #: The verifier's motion check: the fitted displacement over the clip along the stated direction must be at

@@ -16,15 +16,18 @@ from pathlib import Path
 import torch
 
 from mmalign.files import folder_size, write_text_atomic
+from mmalign.models.video import travelling_noise
 from mmalign.world.assets import load_pipeline, pipeline_path
 from mmalign.world.generator import IMAGE_SIZE
-from mmalign.world.video import DIRECTIONS, MOTION_KINDS, render_videos, verify_videos, video_prompt_set
-from mmalign.world.video_generator import (
-    VideoGeneratorRecipe,
-    assemble_video_pipeline,
-    build_video_generator,
-    travelling_noise,
+from mmalign.world.video import (
+    DIRECTIONS,
+    MOTION_KINDS,
+    render_videos,
+    stated_direction,
+    verify_videos,
+    video_prompt_set,
 )
+from mmalign.world.video_generator import VideoGeneratorRecipe, assemble_video_pipeline, build_video_generator
 
 __all__ = ["MONITOR_EVERY", "VIDEO_SAMPLER", "build_video", "evaluate_video_generator", "sample_videos"]
 
@@ -38,7 +41,8 @@ VIDEO_SAMPLER: dict[str, int | float] = {"frames": 8, "num_inference_steps": 20,
 def sample_videos(pipe, prompts, seed: int = 0, frames: int = 8, num_inference_steps: int = 20,
                   guidance_scale: float = 5.0, batch: int = 16, noise_speed: float | None = None) -> torch.Tensor:
     """``(B, frames, 3, H, W)`` clips in [0, 1], one per prompt; batch ``k`` draws its noise from ``seed + k``:
-    independent in every frame, or with ``noise_speed`` (latent pixels per frame) ``travelling_noise``."""
+    independent in every frame, or with ``noise_speed`` (latent pixels per frame) travelling along each
+    caption's motion (``mmalign.models.video.travelling_noise``)."""
     if isinstance(prompts, str) or not len(prompts):
         raise ValueError(f"prompts: expected a non-empty list of strings, got {prompts!r}")
     out = []
@@ -48,7 +52,8 @@ def sample_videos(pipe, prompts, seed: int = 0, frames: int = 8, num_inference_s
         if noise_speed is not None:
             size = pipe.unet.config.sample_size
             shape = (pipe.unet.config.in_channels, frames, size, size)
-            latents = travelling_noise(chunk, shape, generator, noise_speed).to(pipe.device, pipe.unet.dtype)
+            directions = [DIRECTIONS[stated_direction(p, "prompts")] for p in chunk]
+            latents = travelling_noise(directions, shape, generator, noise_speed).to(pipe.device, pipe.unet.dtype)
         result = pipe(chunk, num_frames=frames, num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       generator=generator, latents=latents, output_type="pt")
         out.append(result.frames.float().clamp(0, 1).cpu())

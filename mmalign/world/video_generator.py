@@ -31,7 +31,7 @@ from mmalign.files import write_text_atomic
 from mmalign.world.captions import vocabulary
 from mmalign.world.generator import IMAGE_SIZE, MAX_TOKENS, _lr_lambda, _Resumable, _train, work_folder
 from mmalign.world.tokenizer import load_tokenizer, save_tokenizer
-from mmalign.world.video import DIRECTIONS, render_videos, stated_direction, video_prompt_set
+from mmalign.world.video import DIRECTIONS, render_videos, video_prompt_set
 
 __all__ = [
     "VIDEO_WORDS",
@@ -44,7 +44,6 @@ __all__ = [
     "save_video_pipeline",
     "assemble_video_pipeline",
     "build_video_generator",
-    "travelling_noise",
 ]
 
 #: words of the video captions that the image grammar lacks
@@ -53,8 +52,6 @@ VIDEO_WORDS: tuple[str, ...] = ("moving", *DIRECTIONS)
 POINTER = "video_pipeline.json"
 #: components of the image pipeline the video pipeline uses unchanged
 REUSED = ("vae", "unet", "scheduler")
-#: latent pixels per frame that ``travelling_noise`` moves by default (8 image pixels over 8 frames)
-NOISE_SPEED = 0.5
 
 
 @dataclass
@@ -296,31 +293,3 @@ def build_video_generator(folder: str | Path, image_pipe, base: str, recipe: Vid
     if work is not None:
         shutil.rmtree(work)
     return Path(folder)
-
-
-
-def travelling_noise(prompts, latent_shape, generator: torch.Generator | None = None,
-                     speed: float = NOISE_SPEED) -> torch.Tensor:
-    """``(B, C, F, h, w)`` initial noise in which every frame is one Gaussian draw per prompt, rolled
-    ``⌊f · speed + ½⌋`` latent pixels in the direction the prompt states.
-
-    The frozen image UNet draws each frame from that frame's noise, so independent noise gives frames that
-    disagree on the scene; noise that travels with the caption's motion gives frames that agree, and objects that
-    follow it (figures in ``docs/studies/video-motion.md``). Each frame's noise is still standard normal, so this
-    is a drop-in ``latents=`` for the pipeline's DDIM sampler.
-    """
-    if isinstance(prompts, str) or not len(prompts):
-        raise ValueError(f"prompts: expected a non-empty list of video captions, got {prompts!r}")
-    if len(latent_shape) != 4:
-        raise ValueError(f"latent_shape: expected (C, F, h, w), got {tuple(latent_shape)!r}")
-    if isinstance(speed, bool) or not isinstance(speed, (int, float)) or speed < 0:
-        raise ValueError(f"speed: expected latent pixels per frame, a number >= 0, got {speed!r}")
-    channels, frames, height, width = latent_shape
-    device = generator.device if generator is not None else "cpu"
-    base = torch.randn((len(prompts), channels, height, width), generator=generator, device=device)
-    clips = []
-    for one, prompt in zip(base, prompts):
-        dx, dy = DIRECTIONS[stated_direction(prompt, "prompts")]
-        steps = [int(f * speed + 0.5) for f in range(frames)]
-        clips.append(torch.stack([torch.roll(one, (dy * k, dx * k), dims=(-2, -1)) for k in steps], 1))
-    return torch.stack(clips)

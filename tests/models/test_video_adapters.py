@@ -247,6 +247,36 @@ def test_back_propagating_a_video_reward_raises_it(tmp_path):
     trainer.cleanup()
 
 
+@pytest.mark.parametrize("algorithm, overrides", [("nft", {}), ("backprop", {"method": "direct_align"})])
+def test_trainers_noise_clean_samples_with_the_noise_sampling_starts_from(tmp_path, algorithm, overrides):
+    """With travelling initial noise, the forward-process noise of NFT's loss and of Direct-Align travels too,
+    along each sample's stated motion: training sees the noise statistics that sampling starts from."""
+    clips = {"world_video": "train", "n": 8, "seed": 0}
+    trainer = _trainer(algorithm, "animatediff", tmp_path / "run", video={"num_frames": 4, "noise_speed": 1.0},
+                       prompts=clips, **overrides)
+    trainer.setup()
+    adapter, draws = trainer.loop.adapter, []
+    prior = adapter.initial_noise
+
+    def spied(metadata, generator=None):
+        noise = prior(metadata, generator)
+        draws.append((trainer.loop.denoiser.training, [m["motion"]["direction"] for m in metadata], noise))
+        return noise
+
+    adapter.initial_noise = spied
+    trainer.train()
+    trainer.cleanup()
+    in_training = [(directions, noise) for training, directions, noise in draws if training]
+    assert in_training and any(not training for training, _, _ in draws)  # the loss's noise and the rollouts'
+    for directions, noise in in_training:
+        for clip, direction in zip(noise, directions):
+            dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+            # frame 1's noise is frame 0's moved one latent pixel along the stated direction
+            moved = clip[:, 1, max(dy, 0): clip.shape[-2] + min(dy, 0), max(dx, 0): clip.shape[-1] + min(dx, 0)]
+            seen = clip[:, 0, max(-dy, 0): clip.shape[-2] + min(-dy, 0), max(-dx, 0): clip.shape[-1] + min(-dx, 0)]
+            assert torch.equal(moved, seen)
+
+
 def test_a_full_fine_tune_of_unet3d_reports_videos_and_exports_the_pipeline(tmp_path):
     """PRDP without LoRA on the UNet3D family: the report's grid shows filmstrips and its diversity reads all frames;
     the exported pipeline loads back as a TextToVideoSDPipeline that samples what the trained UNet samples."""

@@ -18,7 +18,6 @@ from mmalign.world.video_generator import (
     build_video_generator,
     extend_text_encoder,
     train_motion,
-    travelling_noise,
 )
 
 TINY = VideoGeneratorRecipe(clips=8, frames=4, steps=4, batch=2, warmup=1, checkpoint_every=2)
@@ -163,32 +162,6 @@ def test_the_shipped_video_generator_matches_its_captions():
     assert sum(own) / 8 > sum(other) / 8 + 0.1
 
 
-def test_travelling_noise_is_one_draw_rolled_in_the_stated_direction():
-    prompts = ["a red circle moving right", "two blue squares moving up on black"]
-    noise = travelling_noise(prompts, (3, 5, 8, 8), torch.Generator().manual_seed(0), speed=0.5)
-    assert noise.shape == (2, 3, 5, 8, 8)
-    right, up = noise[0], noise[1]
-    for f, k in enumerate([0, 1, 1, 2, 2]):  # ⌊0.5·f + ½⌋ pixels by frame f
-        assert torch.equal(right[:, f], torch.roll(right[:, 0], k, dims=-1))  # x grows rightwards
-        assert torch.equal(up[:, f], torch.roll(up[:, 0], -k, dims=-2))  # y grows downwards
-    base = torch.randn((2, 3, 8, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.equal(noise[:, :, 0], base)  # frame 0 is the seeded draw itself: standard normal
-    still = travelling_noise(prompts, (3, 5, 8, 8), torch.Generator().manual_seed(0), speed=0)
-    assert torch.equal(still, base[:, :, None].expand_as(still))
-
-
-@pytest.mark.parametrize("kwargs, message", [
-    ({"prompts": ["a red circle"]}, "prompts: expected a world caption with one 'moving"),
-    ({"prompts": "a red circle moving left"}, "prompts: expected a non-empty list"),
-    ({"latent_shape": (3, 8, 8)}, "latent_shape: expected"),
-    ({"speed": -1}, "speed: expected"),
-])
-def test_travelling_noise_names_bad_arguments(kwargs, message):
-    args = {"prompts": ["a red circle moving left"], "latent_shape": (3, 4, 8, 8), **kwargs}
-    with pytest.raises(ValueError, match=message):
-        travelling_noise(**args)
-
-
 def test_the_shipped_generator_with_travelling_noise_draws_frames_that_agree():
     """Independent noise per frame gives frames that disagree on the scene; noise travelling with the caption's
     motion halves (at least) the mean change between consecutive frames, on the same captions."""
@@ -202,6 +175,8 @@ def test_the_shipped_generator_with_travelling_noise_draws_frames_that_agree():
         videos = sample_videos(pipe, prompts, seed=0, num_inference_steps=6, noise_speed=speed)
         flicker[speed] = (videos[:, 1:] - videos[:, :-1]).abs().mean().item()
     assert flicker[0.5] < flicker[None] / 2, flicker
+    with pytest.raises(ValueError, match="prompts: expected a world caption with one 'moving"):
+        sample_videos(pipe, ["a red circle"], noise_speed=0.5)  # no direction to travel in
 
 
 def test_the_shipped_video_generator_loads_by_name_and_through_the_cli(tmp_path, capsys):

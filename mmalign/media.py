@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["MediaBatch", "IMAGE_SUFFIXES", "open_image", "per_sample"]
+__all__ = ["MediaBatch", "IMAGE_SUFFIXES", "open_image", "per_prompt_metadata", "per_sample"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _CHANNELS = (1, 3)
@@ -341,6 +341,14 @@ def _read_prompts(
     if len(texts) != len(files):
         raise ValueError(f"prompts: expected one prompt per image ({len(files)}), got {len(texts)}")
     return texts, [{} for _ in files]
+
+
+def per_prompt_metadata(metadata: Sequence[Mapping[str, Any]] | None, count: int) -> list[dict[str, Any]]:
+    """A copy of ``metadata`` with one dict per prompt (None: empty dicts), checked against ``count`` prompts."""
+    metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in range(count)]
+    if len(metadata) != count:
+        raise ValueError(f"metadata: expected one dict per prompt ({count}), got {len(metadata)}")
+    return metadata
 
 
 def per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from mmalign.media import MediaBatch, per_sample
+from mmalign.media import MediaBatch, per_prompt_metadata, per_sample
 from mmalign.models.adapter import GeneratorAdapter
 from mmalign.models.pipelines import adapter_for
 from mmalign.models.rollout import sample_with_grad
@@ -135,9 +135,7 @@ def optimize_noise(
     prompts = list(prompts)
     reward = _checked_reward(reward)
     _check_settings(prompts, iterations, lr, momentum, grad_clip, regularization)
-    metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in prompts]
-    if len(metadata) != len(prompts):
-        raise ValueError(f"metadata: expected one dict per prompt ({len(prompts)}), got {len(metadata)}")
+    metadata = per_prompt_metadata(metadata, len(prompts))
     noise = _initial(noise, seeds, adapter, metadata)
     device = adapter.device
     reward.to(device)

@@ -11,7 +11,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from mmalign.media import per_sample
+from mmalign.media import per_prompt_metadata, per_sample
 from mmalign.models.adapter import GeneratorAdapter, PromptEmbeds, SamplingPolicy
 from mmalign.models.ddim import StepOutput
 from mmalign.models.trajectory import Trajectory
@@ -52,9 +52,7 @@ def sample_trajectories(
     if not isinstance(group_size, int) or group_size < 1 or len(prompts) % group_size:
         raise ValueError(f"group_size: expected a positive int dividing the {len(prompts)} prompts, got {group_size!r}")
     embeds = adapter.encode_prompts(prompts)
-    metadata = [dict(m) for m in metadata] if metadata is not None else [{} for _ in prompts]
-    if len(metadata) != len(prompts):
-        raise ValueError(f"metadata: expected one dict per prompt ({len(prompts)}), got {len(metadata)}")
+    metadata = per_prompt_metadata(metadata, len(prompts))
     x = adapter.initial_noise(metadata[::group_size], generator).repeat_interleave(group_size, 0)
     latents, log_probs = [x], []
     for index, t in enumerate(tqdm(policy.timesteps, desc="sampling", leave=False, disable=not progress)):

@@ -24,6 +24,7 @@ from mmalign.models.ddim import DDIMPolicy
 from mmalign.models.flow_sde import FlowSDEPolicy
 from mmalign.models.pipelines import adapter_for, load_pipeline
 from mmalign.models.rollout import sample_trajectories, sample_with_grad, trajectory_log_probs
+from mmalign.models.video import MOTION_DIRECTIONS
 from mmalign.models.video_unet import AnimateDiffAdapter, VideoUNetAdapter
 from mmalign.models.wan import WanAdapter
 from mmalign.rewards import build
@@ -270,7 +271,7 @@ def test_trainers_noise_clean_samples_with_the_noise_sampling_starts_from(tmp_pa
     assert in_training and any(not training for training, _, _ in draws)  # the loss's noise and the rollouts'
     for directions, noise in in_training:
         for clip, direction in zip(noise, directions):
-            dx, dy = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}[direction]
+            dx, dy = MOTION_DIRECTIONS[direction]
             # frame 1's noise is frame 0's moved one latent pixel along the stated direction
             moved = clip[:, 1, max(dy, 0): clip.shape[-2] + min(dy, 0), max(dx, 0): clip.shape[-1] + min(dx, 0)]
             seen = clip[:, 0, max(-dy, 0): clip.shape[-2] + min(-dy, 0), max(-dx, 0): clip.shape[-1] + min(-dx, 0)]
